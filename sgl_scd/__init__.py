@@ -1,0 +1,1 @@
+"""sgl_scd: Semantic Cache Distillation for SGLang."""

@@ -1,0 +1,128 @@
+"""ToMi and Hi-ToM question answering, extracted at run time from the evals wheel.
+
+ToMi (CC BY-NC 4.0) is used for evaluation and adapter training only and never
+redistributed: `ensure_data()` downloads the evals wheel with pip (no deps) and unpacks
+just the two JSONL files into the user cache.
+
+Splits are deterministic: ToMi items are grouped by story (several questions share one
+story), the unique stories are shuffled with a fixed seed, and whole stories go to
+train / dev / test, so no held-out question shares a story with a training item.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sgl_scd.paths import data_dir
+
+EVALS_WHEEL = "evals==3.0.1.post1"
+_MEMBERS = {
+    "tomi.jsonl": "evals/registry/data/theory_of_mind/tomi/test.jsonl",
+    "hitom.jsonl": "evals/registry/data/theory_of_mind/hitom/hitom.jsonl",
+}
+SPLIT_SEED = 20260
+SPLIT_FRACTIONS = {"train": 0.70, "dev": 0.10, "test": 0.20}
+SYSTEM_PROMPT = "Read the story and answer the question with a single word."
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question: `context` is the story, `question` the last sentence, `answer` the gold word."""
+
+    uid: str
+    context: str
+    question: str
+    answer: str
+
+    @property
+    def user_text(self) -> str:
+        return f"{self.context}\n{self.question}"
+
+
+def ensure_data() -> Path:
+    """Download the evals wheel (once) and extract the ToMi and Hi-ToM files; return their dir."""
+    out = data_dir()
+    if all((out / name).exists() for name in _MEMBERS):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[sgl_scd] fetching {EVALS_WHEEL} to extract ToMi/Hi-ToM into {out} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", EVALS_WHEEL, "-d", tmp],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("evals-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            for name, member in _MEMBERS.items():
+                (out / name).write_bytes(zf.read(member))
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _split_story(text: str) -> tuple[str, str]:
+    """Split 'story... Question?' into (story, question) at the last sentence."""
+    text = text.strip()
+    if "\n\n" in text:  # Hi-ToM: story, blank line, question
+        story, question = text.rsplit("\n\n", 1)
+        return story.strip(), question.strip()
+    head, sep, tail = text[:-1].rpartition(". ")
+    if not sep:
+        raise ValueError(f"cannot find the question in ToMi item {text[:80]!r}")
+    return head + ".", tail + text[-1]
+
+
+def load_tomi(split: str) -> list[QAItem]:
+    """ToMi items of one split ('train', 'dev' or 'test'), in a fixed order."""
+    if split not in SPLIT_FRACTIONS:
+        raise ValueError(f"unknown ToMi split {split!r}; expected one of {sorted(SPLIT_FRACTIONS)}")
+    rows = _read_jsonl(ensure_data() / "tomi.jsonl")
+    items = []
+    for i, row in enumerate(rows):
+        story, question = _split_story(row["input"][-1]["content"])
+        items.append(QAItem(f"tomi-{i}", story, question, row["ideal"]))
+    stories = sorted({it.context for it in items})
+    random.Random(SPLIT_SEED).shuffle(stories)
+    n_train = int(len(stories) * SPLIT_FRACTIONS["train"])
+    n_dev = int(len(stories) * SPLIT_FRACTIONS["dev"])
+    bounds = {"train": (0, n_train), "dev": (n_train, n_train + n_dev), "test": (n_train + n_dev, len(stories))}
+    lo, hi = bounds[split]
+    chosen = set(stories[lo:hi])
+    picked = [it for it in items if it.context in chosen]
+    random.Random(f"{SPLIT_SEED}-{split}").shuffle(picked)  # mix question types in any prefix
+    return picked
+
+
+def load_hitom() -> list[QAItem]:
+    """Hi-ToM's 600 longer stories (held out: never used for training or calibration)."""
+    rows = _read_jsonl(ensure_data() / "hitom.jsonl")
+    items = []
+    for i, row in enumerate(rows):
+        story, question = _split_story(row["input"][-1]["content"])
+        items.append(QAItem(f"hitom-{i}", story, question, row["ideal"]))
+    # Longest stories first in a seeded order within each length bucket.
+    random.Random(SPLIT_SEED).shuffle(items)
+    items.sort(key=lambda it: -len(it.context))
+    return items
+
+
+def chat_messages(item: QAItem) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.user_text}]
+
+
+def prompt_ids(tokenizer, item: QAItem) -> list[int]:
+    """Token ids of the chat prompt, ending with the assistant header (generation prompt)."""
+    ids = tokenizer.apply_chat_template(chat_messages(item), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)

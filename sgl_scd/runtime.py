@@ -1,0 +1,167 @@
+"""Reference runtime on transformers: capture a prefill's per-layer state, or continue from
+per-layer K/V built anywhere else.
+
+Layouts (one prompt, no batch dim):
+  k, v   [L, T, H_kv, D]  keys after RoPE (what SGLang's KV pool holds) and values
+  h_in   [L, T, hidden]   input_layernorm output of every layer (what feeds q/k/v projections)
+
+capture_prefill() runs a plain forward; continue_from_kv() installs K/V for the first T prompt
+tokens into a fresh cache, runs the remaining tokens (at least the last one) and decodes
+greedily. continue_from_kv(k=None) is an ordinary prefill, the oracle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from sgl_scd import rope
+
+
+@dataclass
+class PrefillCapture:
+    k: torch.Tensor  # [L, T, H_kv, D] after RoPE
+    v: torch.Tensor  # [L, T, H_kv, D]
+    h_in: torch.Tensor | None  # [L, T, hidden] or None when not captured
+    last_logits: torch.Tensor  # [V] next-token logits after the whole input
+    theta: float  # the RoPE base the keys were rotated with
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[1]
+
+    def k_derotated(self) -> torch.Tensor:
+        """Keys with RoPE removed, [L, T, H_kv, D]."""
+        return rope.derotate(self.k, self.theta)
+
+
+@dataclass
+class Continuation:
+    first_logits: torch.Tensor  # [V] distribution for the first answer token
+    tokens: list[int]  # greedy answer tokens (stop token excluded)
+    text: str
+    forward_s: float  # time of the suffix forward that produced first_logits
+    timings: dict = field(default_factory=dict)
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def num_layers(model) -> int:
+    return len(_layers(model))
+
+
+@torch.inference_mode()
+def capture_prefill(model, ids: list[int], *, hidden: bool = True) -> PrefillCapture:
+    """Run a full prefill of ids and return per-layer K (post-RoPE), V and normalized inputs."""
+    if len(ids) == 0:
+        raise ValueError("capture_prefill needs at least one token id")
+    h_in: list[torch.Tensor] = []
+    hooks = []
+    if hidden:
+        for layer in _layers(model):
+            hooks.append(
+                layer.input_layernorm.register_forward_hook(lambda _m, _i, out: h_in.append(out[0]))
+            )
+    try:
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    k = torch.stack([layer.keys[0].transpose(0, 1) for layer in cache.layers])  # [L, T, H, D]
+    v = torch.stack([layer.values[0].transpose(0, 1) for layer in cache.layers])
+    return PrefillCapture(
+        k=k, v=v, h_in=torch.stack(h_in) if hidden else None,
+        last_logits=out.logits[0, -1].float(), theta=rope.rope_theta(model.config),
+    )
+
+
+def build_cache(model, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
+    """A transformers cache holding k, v [L, T, H_kv, D] (keys already rotated for this model)."""
+    n = num_layers(model)
+    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != n:
+        raise ValueError(
+            f"expected k and v of shape [L={n}, T, H_kv, D], got k {tuple(k.shape)} v {tuple(v.shape)}"
+        )
+    cache = DynamicCache(config=model.config)
+    dtype = model.dtype
+    for layer in range(n):
+        cache.update(
+            k[layer].transpose(0, 1)[None].to(dtype).contiguous(),  # [1, H, T, D]
+            v[layer].transpose(0, 1)[None].to(dtype).contiguous(),
+            layer,
+        )
+    return cache
+
+
+@torch.inference_mode()
+def continue_from_kv(
+    model,
+    tokenizer,
+    ids: list[int],
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 16,
+) -> Continuation:
+    """Continue a prompt whose first T tokens are covered by k/v [L, T, H_kv, D] (T < len(ids)).
+
+    Runs ids[T:] through the model on top of that cache, then decodes greedily until an end
+    token or max_new_tokens. With k=None this is a plain prefill (the oracle).
+    """
+    covered = 0 if k is None else k.shape[1]
+    if covered >= len(ids):
+        raise ValueError(
+            f"K/V cover {covered} tokens but the prompt has {len(ids)}: at least the last prompt "
+            "token must be run to get logits"
+        )
+    cache = build_cache(model, k, v) if k is not None else DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    suffix = torch.tensor([ids[covered:]])
+    positions = torch.arange(covered, len(ids))[None]
+    out = model(input_ids=suffix, position_ids=positions, past_key_values=cache, use_cache=True)
+    forward_s = time.perf_counter() - t0
+    first_logits = out.logits[0, -1].float()
+    stop = _stop_ids(tokenizer)
+    tokens: list[int] = []
+    logits = first_logits
+    pos = len(ids)
+    for _ in range(max_new_tokens):
+        nxt = int(logits.argmax())
+        if nxt in stop:
+            break
+        tokens.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]),
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1]
+        pos += 1
+    return Continuation(first_logits=first_logits, tokens=tokens,
+                        text=tokenizer.decode(tokens, skip_special_tokens=True), forward_s=forward_s)
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    stop = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            stop.add(tid)
+    return {s for s in stop if s is not None}
+
+
+@torch.inference_mode()
+def project_kv(model, layer: int, h_in: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (after this model's RoPE) and V of one layer computed from its normalized input.
+
+    h_in [T, hidden] -> k, v [T, H_kv, D]. Uses the model's own k/v projections (merged LoRA
+    deltas and biases included) and its own RoPE base.
+    """
+    attn = _layers(model)[layer].self_attn
+    hd = attn.head_dim
+    k = attn.k_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)  # [T, H_kv, D]
+    v = attn.v_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)
+    return rope.rotate(k, rope.rope_theta(model.config), start), v
