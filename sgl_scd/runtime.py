@@ -28,6 +28,7 @@ class PrefillCapture:
     h_in: torch.Tensor | None  # [L, T, hidden] or None when not captured
     last_logits: torch.Tensor  # [V] next-token logits after the whole input
     theta: float  # the RoPE base the keys were rotated with
+    tail_logits: torch.Tensor | None = None  # [m, V] logits of the last m positions, if asked
 
     @property
     def num_tokens(self) -> int:
@@ -56,8 +57,9 @@ def num_layers(model) -> int:
 
 
 @torch.inference_mode()
-def capture_prefill(model, ids: list[int], *, hidden: bool = True) -> PrefillCapture:
-    """Run a full prefill of ids and return per-layer K (post-RoPE), V and normalized inputs."""
+def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0) -> PrefillCapture:
+    """Run a full prefill of ids and return per-layer K (post-RoPE), V and normalized inputs
+    (and the logits of the last `tail` positions)."""
     if len(ids) == 0:
         raise ValueError("capture_prefill needs at least one token id")
     h_in: list[torch.Tensor] = []
@@ -78,6 +80,7 @@ def capture_prefill(model, ids: list[int], *, hidden: bool = True) -> PrefillCap
     return PrefillCapture(
         k=k, v=v, h_in=torch.stack(h_in) if hidden else None,
         last_logits=out.logits[0, -1].float(), theta=rope.rope_theta(model.config),
+        tail_logits=out.logits[0, -tail:].float().clone() if tail else None,
     )
 
 
@@ -153,13 +156,19 @@ def _stop_ids(tokenizer) -> set[int]:
     return {s for s in stop if s is not None}
 
 
-@torch.inference_mode()
-def project_kv(model, layer: int, h_in: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def project_kv(model, layer: int, h_in: torch.Tensor, start: int = 0, *, grad: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """K (after this model's RoPE) and V of one layer computed from its normalized input.
 
     h_in [T, hidden] -> k, v [T, H_kv, D]. Uses the model's own k/v projections (merged LoRA
-    deltas and biases included) and its own RoPE base.
+    deltas and biases included) and its own RoPE base. grad=True keeps the autograd graph
+    (for distillation through the frozen consumer).
     """
+    with torch.set_grad_enabled(grad):
+        return _project_kv(model, layer, h_in, start)
+
+
+def _project_kv(model, layer, h_in, start):
     attn = _layers(model)[layer].self_attn
     hd = attn.head_dim
     k = attn.k_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)  # [T, H_kv, D]

@@ -112,10 +112,8 @@ class StoreIdentity:
 
 
 def _check_text(name: str, value: object, *, allow_empty: bool) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"StoreIdentity.{name}={value!r}: expected str")
-    if not value and not allow_empty:
-        raise ValueError(f"StoreIdentity.{name}='': must not be empty")
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise ValueError(f"StoreIdentity.{name}={value!r}: expected a non-empty str")
     if len(value) > _MAX_FIELD_LEN or not _TEXT_RE.match(value):
         raise ValueError(
             f"StoreIdentity.{name}={value[:64]!r}: at most {_MAX_FIELD_LEN} characters, "

@@ -50,14 +50,15 @@ def encode_record(
     token_count: int,
     payload: bytes | bytearray | memoryview,
 ) -> bytes:
-    """Header + payload for one page. Pure; raises ValueError naming a bad argument."""
+    """Header + payload for one page. Pure; raises ValueError naming a bad argument
+    (TypeError if payload is not bytes-like)."""
     ident = _identity16(identity_digest)
     page = _page_hash_bytes(page_hash)
     for name, value in (("page_index", page_index), ("token_count", token_count)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U32_MAX:
             raise ValueError(f"{name}={value!r}: expected an int in [0, 2**32)")
     if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise ValueError(f"payload: expected bytes, got {type(payload).__name__}")
+        raise TypeError(f"payload: expected bytes, got {type(payload).__name__}")
     payload = bytes(payload)
     if len(payload) > _U32_MAX:
         raise ValueError(f"payload of {len(payload)} bytes exceeds 2**32 - 1")

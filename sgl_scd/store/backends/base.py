@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class Timeouts:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Timeouts.{name}={value!r}: expected seconds > 0")
+
+
+DEFAULT_TIMEOUTS = Timeouts()
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class StoreBackend(ABC):
     def close(self) -> None:
         """Release connections/files. Idempotent."""
 
-    def __enter__(self) -> StoreBackend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

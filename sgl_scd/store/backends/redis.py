@@ -20,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from sgl_scd.store.backends.base import CounterUpdate, StoreBackend, Timeouts
+from sgl_scd.store.backends.base import DEFAULT_TIMEOUTS, CounterUpdate, StoreBackend, Timeouts
 from sgl_scd.store.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def glob_escape(text: str) -> str:
 class RedisBackend(StoreBackend):
     """A single Redis server (or a proxy that speaks its protocol)."""
 
-    def __init__(self, url: str, timeouts: Timeouts = Timeouts(), max_connections: int = 32):
+    def __init__(
+        self, url: str, timeouts: Timeouts = DEFAULT_TIMEOUTS, max_connections: int = 32
+    ) -> None:
         self.url = redact_url(url)
         self._timeouts = timeouts
         self._pool = redis.ConnectionPool.from_url(

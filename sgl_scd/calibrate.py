@@ -1,0 +1,259 @@
+"""Offline calibration of an SCD adapter for one producer -> consumer pair.
+
+  python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft
+  python -m sgl_scd.calibrate --producer base --consumer path/to/peft_adapter --prompts calib.jsonl
+
+Steps (each shows progress):
+  1. capture both models' prefill on the calibration prompts (train) and held-out prompts (dev);
+  2. fit producer encoders per slot (PCA of de-rotated K, V and normalized inputs, bits spread
+     by water-filling under --bits-per-dim) and closed-form (ridge) consumer decoders;
+  3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
+  4. distill the decoders end to end on KL to the consumer's own prefill;
+  5. measure held-out KL / top-1 / F1 and write adapters/<name>/ (manifest + safetensors).
+The quality budget (--budget-kl) is the expected next-token KL vs the oracle on held-out
+prompts; the manifest records whether the result meets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sgl_scd import data, evaluate, models, runtime
+from sgl_scd.codec import distill, manifest as mf, wire
+from sgl_scd.codec.codec import ProducerEncoder, Slot, fit_slot_encoder, plan_slots, slot_input
+from sgl_scd.codec.factor import ridge
+from sgl_scd.paths import ADAPTERS_DIR
+
+
+def log(msg: str) -> None:
+    print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class PairCapture:
+    ids: list[int]
+    producer: dict[Slot, torch.Tensor]  # observations per slot, [T, d] for tokens [0, n - m)
+    consumer: dict[Slot, torch.Tensor]  # consumer targets per slot (K de-rotated), [T, d]
+    oracle_logp: torch.Tensor  # [m, V]
+
+
+def capture_pair(producer, consumer, ids: list[int], m: int) -> PairCapture:
+    """Both models' per-slot states for the first n - m tokens, and the oracle's last m log-probs."""
+    n = len(ids)
+    pc = runtime.capture_prefill(producer.model, ids[: n - m], hidden=True)
+    cc = runtime.capture_prefill(consumer.model, ids, hidden=True, tail=m)
+    cc_head = runtime.PrefillCapture(cc.k[:, : n - m], cc.v[:, : n - m], cc.h_in[:, : n - m],
+                                     cc.last_logits, cc.theta)
+    slots = plan_slots(producer.config.num_hidden_layers, []) + [
+        Slot(layer, "h") for layer in range(producer.config.num_hidden_layers)]
+    pk, ck = pc.k_derotated(), cc_head.k_derotated()
+    return PairCapture(
+        ids=ids,
+        producer={s: slot_input(pc, s, pk) for s in slots},
+        consumer={s: slot_input(cc_head, s, ck) for s in slots},
+        oracle_logp=torch.log_softmax(cc.tail_logits, -1),
+    )
+
+
+def prompts_from_file(path: Path, tokenizer) -> list[tuple[list[int], data.QAItem | None]]:
+    """JSONL lines with "messages" (chat), "prompt" (user text) or "context"/"question"/"answer"."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "context" in row and "question" in row:
+            item = data.QAItem(f"file-{i}", row["context"], row["question"], row.get("answer", ""))
+            out.append((data.prompt_ids(tokenizer, item), item if "answer" in row else None))
+        elif "messages" in row or "prompt" in row:
+            msgs = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            out.append((list(ids["input_ids"] if hasattr(ids, "keys") else ids), None))
+        else:
+            raise ValueError(f"{path}:{i + 1}: a line needs 'messages', 'prompt' or 'context'+'question'")
+    return out
+
+
+def fit_codec(train: list[PairCapture], bits: dict[str, int], theta: float, ridge_lam: float
+              ) -> tuple[ProducerEncoder, dict[Slot, tuple[torch.Tensor, torch.Tensor]]]:
+    """Encoders for every slot (k, v and h of every layer) and closed-form decoders (W, b)."""
+    slots = sorted(train[0].producer)
+    encoders, affine = {}, {}
+    for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
+        x = torch.cat([p.producer[s] for p in train])  # [N, d]
+        y = torch.cat([p.consumer[s] for p in train])  # [N, d']
+        enc = fit_slot_encoder(x, bits[s.kind])
+        encoders[s] = enc
+        affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
+    return ProducerEncoder(encoders, theta), affine
+
+
+def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: dict[str, int],
+                consumer_ident: dict) -> tuple[ProducerEncoder, torch.nn.Module]:
+    """Encoder restricted to a patch plan, and its closed-form-initialized decoder."""
+    slots = plan_slots(consumer_ident["num_layers"], patch)
+    enc = ProducerEncoder({s: encoder_all.slots[s] for s in slots}, encoder_all.theta)
+    dec = mf.build_decoder(enc, hidden, consumer_ident)
+    for s in slots:
+        dec.translator(s).set_affine(*affine[s])
+    return enc, dec
+
+
+def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[distill.DistillSample]:
+    return [distill.DistillSample(c.ids, {s: e.dequantize(e.encode(c.producer[s])) for s, e in enc.slots.items()},
+                                  c.oracle_logp) for c in caps]
+
+
+def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
+    """Dev-KL gain of patching each single layer (closed-form decoders), best first."""
+    _, dec0 = decoder_for(enc_all, affine, [], hidden, ident)
+    e0, _ = decoder_for(enc_all, affine, [], hidden, ident)
+    base_kl = distill.last_token_kl(consumer.model, dec0, distill_samples(e0, dev))
+    gains = []
+    for layer in tqdm(range(ident["num_layers"]), desc="rank patch layers", file=sys.stderr):
+        enc, dec = decoder_for(enc_all, affine, [layer], hidden, ident)
+        gains.append((layer, base_kl - distill.last_token_kl(consumer.model, dec, distill_samples(enc, dev))))
+    log(f"reuse-only closed-form dev KL {base_kl:.4f}; best single patches: "
+        + ", ".join(f"L{l}:{g:+.4f}" for l, g in sorted(gains, key=lambda x: -x[1])[:8]))
+    return sorted(gains, key=lambda x: -x[1])
+
+
+def heldout_quality(producer, consumer, adapter: mf.Adapter, items: list[data.QAItem]) -> dict:
+    from sgl_scd.codec.serve import scd_method
+
+    rows = evaluate.evaluate(producer, consumer, items, {"scd": scd_method(adapter)}, desc="held-out eval")
+    return next(r for r in rows if r["method"] == "scd")
+
+
+def calibrate(args) -> Path:
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    producer, consumer = models.load(args.producer), models.load(args.consumer)
+    evaluate.check_compatible(producer, consumer)
+    tok = consumer.tokenizer
+    if args.prompts:
+        rows = prompts_from_file(Path(args.prompts), tok)
+        n_dev = max(8, len(rows) // 5)
+        train_rows, dev_rows = rows[:-n_dev][: args.n_calib], rows[-n_dev:]
+        eval_items = [item for _, item in dev_rows if item is not None]
+        source = str(args.prompts)
+    else:  # built-in demo set: ToMi items the fine-tunes never trained on
+        train_items = data.load_tomi("train")[1000 : 1000 + args.n_calib]
+        dev_split = data.load_tomi("dev")
+        train_rows = [(data.prompt_ids(tok, it), it) for it in train_items]
+        dev_rows = [(data.prompt_ids(tok, it), it) for it in dev_split[: args.n_dev]]
+        eval_items = dev_split[args.n_dev : args.n_dev + args.n_eval]
+        source = "builtin:tomi-train[1000:]+tomi-dev"
+    digest = hashlib.sha256(json.dumps([ids for ids, _ in train_rows + dev_rows]).encode()).hexdigest()
+    log(f"{len(train_rows)} calibration + {len(dev_rows)} held-out prompts from {source}")
+    m = args.suffix_tokens
+    train = [capture_pair(producer, consumer, ids, m) for ids, _ in tqdm(train_rows, desc="capture train", file=sys.stderr)]
+    dev = [capture_pair(producer, consumer, ids, m) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
+    kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
+    bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
+            "h": round(args.bits_per_dim * kv_dim * 2)}  # an h slot costs what a k+v pair costs
+    enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge)
+    ident = mf.model_identity(consumer)
+    hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
+    if args.patch_layers == "auto" or args.patch_layers.isdigit():
+        ranked = rank_patch_layers(enc_all, affine, consumer, ident, dev, hidden)
+        k = args.max_patch if args.patch_layers == "auto" else int(args.patch_layers)
+        patch = sorted(layer for layer, gain in ranked[:k] if gain > 0)
+    else:
+        patch = sorted(int(x) for x in args.patch_layers.split(",") if x)
+    log(f"patch layers: {patch}")
+    enc, dec = decoder_for(enc_all, affine, patch, hidden, ident)
+    del train_rows
+    for c in train + dev:  # free what the chosen plan does not use
+        for s in list(c.producer):
+            if s not in enc.slots:
+                del c.producer[s], c.consumer[s]
+    train_s, dev_s = distill_samples(enc, train), distill_samples(enc, dev)
+    del train, dev
+    result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr, log=log)
+    dec.eval().requires_grad_(False)
+    revision = mf.encoder_revision(enc)
+    raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
+    payload = wire.payload_bytes_per_token(enc, args.page_size)
+    man = {
+        "format": mf.FORMAT,
+        "name": args.name,
+        "producer": mf.model_identity(producer),
+        "consumer": ident,
+        "tokenizer": {"digest": mf.tokenizer_digest(tok), "vocab_size": len(tok)},
+        "codec": {"version": mf.CODEC_VERSION, "revision": revision, "patch_layers": patch,
+                  "bits_per_dim": args.bits_per_dim, "slots": mf.slot_summary(enc),
+                  "bits_per_token": enc.bits_per_token(), "page_size": args.page_size,
+                  "payload_bytes_per_token": payload, "raw_kv_bytes_per_token": raw,
+                  "payload_ratio": payload / raw, "decoder_hidden": hidden,
+                  "basis": "producer-pca"},
+        "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
+                   "kv": str(consumer.model.dtype).replace("torch.", "")},
+        "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
+                        "n_dev": len(dev_s), "suffix_tokens": m, "epochs": args.epochs, "lr": args.lr,
+                        "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
+    }
+    out = Path(args.out or ADAPTERS_DIR / args.name)
+    mf.save_adapter(out, man, enc, dec)
+    adapter = mf.load_adapter(out, producer, consumer)
+    if eval_items:
+        q = heldout_quality(producer, consumer, adapter, eval_items)
+        man["heldout"] = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer")}
+    else:
+        man["heldout"] = {"kl": result["dev_kl"], "n": len(dev_s)}
+    man["heldout"]["meets_budget"] = man["heldout"]["kl"] <= args.budget_kl
+    man["calibration"]["wall_s"] = round(time.time() - t_start, 1)
+    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+    log(f"wrote {out}: payload {payload:.0f} B/token ({payload / raw:.3f}x raw bf16 KV), "
+        f"held-out {json.dumps(man['heldout'])}")
+    if not man["heldout"]["meets_budget"]:
+        log(f"WARNING: held-out KL {man['heldout']['kl']:.4f} exceeds the budget {args.budget_kl}")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sgl_scd.calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--producer", default="base", help="producer spec: base | demo-ft | demo-lora | DIR")
+    p.add_argument("--consumer", required=True, help="consumer spec: base | demo-ft | demo-lora | DIR")
+    p.add_argument("--name", help="adapter name (default: the consumer spec's last path part)")
+    p.add_argument("--out", help="output directory (default adapters/<name>)")
+    p.add_argument("--prompts", help="JSONL calibration prompts (default: the built-in ToMi demo set)")
+    p.add_argument("--n-calib", type=int, default=192, help="calibration prompts (default 192)")
+    p.add_argument("--n-dev", type=int, default=48, help="held-out prompts for selection (default 48)")
+    p.add_argument("--n-eval", type=int, default=100, help="held-out QA items for F1 (default 100)")
+    p.add_argument("--budget-kl", type=float, default=0.05, help="expected held-out KL budget (default 0.05)")
+    p.add_argument("--bits-per-dim", type=float, default=3.0,
+                   help="average code bits per K/V dimension (default 3.0 => ~0.19x raw bf16 KV)")
+    p.add_argument("--patch-layers", default="auto",
+                   help="'auto' (rank by dev gain, up to --max-patch), a count N, or a list like 3,10,20")
+    p.add_argument("--max-patch", type=int, default=6, help="largest patch set for 'auto' (default 6)")
+    p.add_argument("--hidden-kv", type=int, default=0, help="residual MLP width of K/V decoders (default 0)")
+    p.add_argument("--hidden-h", type=int, default=256, help="residual MLP width of patch predictors")
+    p.add_argument("--suffix-tokens", type=int, default=8, help="prompt tokens distilled per prompt")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.name = args.name or Path(args.consumer).name
+    if args.bits_per_dim <= 0:
+        p.error(f"--bits-per-dim must be > 0, got {args.bits_per_dim}")
+    calibrate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Producer-side encoder and consumer-side decoder of SCD codes.
+
+A *slot* is one (layer, kind) stream: kind "k" (RoPE-free keys, Reuse), "v" (values, Reuse)
+or "h" (the normalized attention input, Patch). Reuse layers ship k and v slots; patch layers
+ship one h slot and the consumer recomputes that layer's K/V with its own projections.
+
+Encoder (per slot, depends on the producer only, so one published code serves every adapter
+calibrated against it): x [T, d] -> z = (x - mean) @ basis / std   [T, r], whitened PCA code,
+then quantized with static Gaussian steps (quant.py). Components that get 0 bits are dropped,
+so the rank of each slot falls out of the bit allocation.
+
+Decoder (per consumer): z -> x_hat [T, d] by a Translator (affine map + optional residual MLP),
+then keys are re-rotated with the consumer's RoPE base; h slots go through the consumer's own
+k_proj / v_proj (LoRA deltas merged, biases included) and RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sgl_scd import rope, runtime
+from sgl_scd.codec import quant
+
+KINDS = ("k", "v", "h")
+
+
+@dataclass(frozen=True, order=True)
+class Slot:
+    layer: int
+    kind: str
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"slot kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer:02d}.{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Slot":
+        layer, kind = name.split(".")
+        return cls(int(layer[1:]), kind)
+
+
+def plan_slots(num_layers: int, patch_layers) -> list[Slot]:
+    patch = set(patch_layers)
+    bad = [p for p in patch if not 0 <= p < num_layers]
+    if bad:
+        raise ValueError(f"patch layers {bad} out of range [0, {num_layers})")
+    slots = []
+    for layer in range(num_layers):
+        slots += [Slot(layer, "h")] if layer in patch else [Slot(layer, "k"), Slot(layer, "v")]
+    return slots
+
+
+def slot_input(cap: runtime.PrefillCapture, slot: Slot, k_derot: torch.Tensor | None = None) -> torch.Tensor:
+    """The [T, d] observation a slot encodes from a producer capture."""
+    if slot.kind == "k":
+        k = cap.k_derotated() if k_derot is None else k_derot
+        return k[slot.layer].reshape(k.shape[1], -1)  # [T, H*D]
+    if slot.kind == "v":
+        return cap.v[slot.layer].reshape(cap.v.shape[1], -1)
+    if cap.h_in is None:
+        raise ValueError(f"slot {slot.name} needs the producer's normalized inputs (capture with hidden=True)")
+    return cap.h_in[slot.layer]
+
+
+@dataclass
+class SlotEncoder:
+    mean: torch.Tensor  # [d]
+    basis: torch.Tensor  # [d, r] (only components with > 0 bits)
+    std: torch.Tensor  # [r]
+    widths: torch.Tensor  # [r] int, 1..8
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def bits_per_token(self) -> int:
+        return int(self.widths.sum())
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, r]
+        return ((x.float() - self.mean) @ self.basis) / self.std
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> int32 [T, r]
+        return quant.quantize(self.whiten(x), self.widths)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:  # int32 [T, r] -> [T, r]
+        return quant.dequantize(q, self.widths)
+
+
+class ProducerEncoder:
+    """Turns a producer prefill capture into quantized per-slot codes."""
+
+    def __init__(self, slots: dict[Slot, SlotEncoder], theta: float):
+        self.slots = dict(sorted(slots.items()))
+        self.theta = theta
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(s.kind == "h" for s in self.slots)
+
+    @property
+    def patch_layers(self) -> list[int]:
+        return sorted(s.layer for s in self.slots if s.kind == "h")
+
+    def bits_per_token(self) -> int:
+        return sum(e.bits_per_token for e in self.slots.values())
+
+    def encode(self, cap: runtime.PrefillCapture) -> dict[Slot, torch.Tensor]:
+        """Codes {slot: int32 [T, r]} for every token of the capture."""
+        k_derot = cap.k_derotated()
+        return {s: e.encode(slot_input(cap, s, k_derot)) for s, e in self.slots.items()}
+
+    def dequantize(self, codes: dict[Slot, torch.Tensor]) -> dict[Slot, torch.Tensor]:
+        return {s: self.slots[s].dequantize(q) for s, q in codes.items()}
+
+    def widths_array(self) -> np.ndarray:
+        """Widths of all components in slot order: the layout of one token's codes on the wire."""
+        return np.concatenate([e.widths.numpy() for e in self.slots.values()]).astype(np.int64)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for s, e in self.slots.items():
+            for field in ("mean", "basis", "std", "widths"):
+                out[f"enc.{s.name}.{field}"] = getattr(e, field).contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], theta: float) -> "ProducerEncoder":
+        names = sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in sd if k.startswith("enc.")})
+        slots = {Slot.parse(n): SlotEncoder(*(sd[f"enc.{n}.{f}"] for f in ("mean", "basis", "std", "widths")))
+                 for n in names}
+        return cls(slots, theta)
+
+
+def fit_slot_encoder(x: torch.Tensor, budget_bits: int) -> SlotEncoder:
+    """PCA of producer observations x [N, d], with budget_bits per token spread by water-filling."""
+    from sgl_scd.codec.factor import pca
+
+    p = pca(x)
+    widths = quant.allocate_bits(p.var, budget_bits)
+    keep = widths > 0
+    return SlotEncoder(p.mean, p.basis[:, keep].contiguous(), p.var[keep].clamp_min(1e-12).sqrt(),
+                       widths[keep].to(torch.int32))
+
+
+class Translator(nn.Module):
+    """z [T, r] -> x [T, d]: affine map plus an optional residual MLP (its output layer starts at 0,
+    so a closed-form affine start is preserved exactly)."""
+
+    def __init__(self, r: int, d: int, hidden: int = 0):
+        super().__init__()
+        self.lin = nn.Linear(r, d)
+        self.hidden = hidden
+        if hidden:
+            self.up = nn.Linear(r, hidden)
+            self.down = nn.Linear(hidden, d)
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.lin(z)
+        if self.hidden:
+            y = y + self.down(nn.functional.gelu(self.up(z)))
+        return y
+
+    def set_affine(self, w: torch.Tensor, b: torch.Tensor) -> None:  # w [r, d], b [d]
+        with torch.no_grad():
+            self.lin.weight.copy_(w.T)
+            self.lin.bias.copy_(b)
+
+
+class ConsumerDecoder(nn.Module):
+    """Rebuilds a consumer's K/V [L, T, H_kv, D] from dequantized slot codes."""
+
+    def __init__(self, slot_dims: dict[Slot, tuple[int, int]], hidden: dict[str, int], theta: float,
+                 kv_heads: int, head_dim: int):
+        super().__init__()
+        self.slots = sorted(slot_dims)
+        self.theta = theta
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.translators = nn.ModuleDict(
+            {s.name.replace(".", "_"): Translator(r, d, hidden.get(s.kind, 0)) for s, (r, d) in sorted(slot_dims.items())}
+        )
+
+    def translator(self, slot: Slot) -> Translator:
+        return self.translators[slot.name.replace(".", "_")]
+
+    @property
+    def num_layers(self) -> int:
+        return max(s.layer for s in self.slots) + 1
+
+    def rebuild(self, consumer_model, z: dict[Slot, torch.Tensor], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consumer K (after its RoPE) and V, [L, T, H_kv, D], from whitened codes {slot: [T, r]}.
+
+        Differentiable in the translators' parameters (used by distillation); wrap in
+        torch.inference_mode() when serving.
+        """
+        t = next(iter(z.values())).shape[0]
+        shape = (t, self.kv_heads, self.head_dim)
+        ks, vs = [], []
+        for layer in range(self.num_layers):
+            h = Slot(layer, "h")
+            if h in z:
+                k, v = runtime.project_kv(consumer_model, layer, self.translator(h)(z[h]), start, grad=True)
+            else:
+                k_nope = self.translator(Slot(layer, "k"))(z[Slot(layer, "k")]).view(shape)
+                k = rope.rotate(k_nope, self.theta, start)
+                v = self.translator(Slot(layer, "v"))(z[Slot(layer, "v")]).view(shape)
+            ks.append(k)
+            vs.append(v)
+        return torch.stack(ks), torch.stack(vs)

@@ -1,0 +1,93 @@
+"""Scalar quantization of whitened codes and bit packing.
+
+Codes are projected on a PCA basis and divided by each component's standard deviation, so
+each component is ~N(0, 1). A b-bit component uses the mean-squared-error optimal uniform
+quantizer for a unit Gaussian (step from Max 1960 / Lloyd's tables), so no per-token scale
+is shipped: the steps are static calibration constants. Bits go to components by reverse
+water-filling: each next bit goes where it removes the most (variance-weighted) error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_BITS = 8
+# Optimal uniform step for N(0,1) and the resulting normalized MSE, per bit width.
+GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0569, 8: 0.0308}
+GAUSS_MSE = {0: 1.0, 1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499, 6: 0.0006642,
+             7: 0.0001719, 8: 0.00004395}
+
+
+def allocate_bits(var: torch.Tensor, budget_bits: int) -> torch.Tensor:
+    """Integer widths [r] (0..8) summing to <= budget_bits that greedily minimize sum var_i * mse(b_i)."""
+    if budget_bits < 0:
+        raise ValueError(f"budget_bits must be >= 0, got {budget_bits}")
+    v = var.double().clamp_min(0).numpy()
+    widths = np.zeros(len(v), dtype=np.int64)
+    gain = v * (GAUSS_MSE[0] - GAUSS_MSE[1])
+    for _ in range(min(budget_bits, len(v) * MAX_BITS)):
+        i = int(gain.argmax())
+        if gain[i] <= 0:
+            break
+        widths[i] += 1
+        b = widths[i]
+        gain[i] = v[i] * (GAUSS_MSE[b] - GAUSS_MSE[b + 1]) if b < MAX_BITS else -1.0
+    return torch.from_numpy(widths)
+
+
+def quantize(z: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Whitened codes z [T, r] -> unsigned integers [T, r] (int32) of the given widths (0 -> 0)."""
+    out = torch.zeros(z.shape, dtype=torch.int32)
+    for b in widths.unique().tolist():
+        if b == 0:
+            continue
+        cols = (widths == b).nonzero().squeeze(1)
+        half = 1 << (b - 1)
+        q = torch.floor(z[:, cols] / GAUSS_STEP[b]).clamp(-half, half - 1) + half
+        out[:, cols] = q.to(torch.int32)
+    return out
+
+
+def dequantize(q: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize(): reconstruction levels (midpoints) [T, r] float32; width 0 -> 0."""
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for b in widths.unique().tolist():
+        if b == 0:
+            continue
+        cols = (widths == b).nonzero().squeeze(1)
+        half = 1 << (b - 1)
+        out[:, cols] = (q[:, cols].float() - half + 0.5) * GAUSS_STEP[b]
+    return out
+
+
+def pack_bits(q: np.ndarray, widths: np.ndarray) -> bytes:
+    """Pack q [T, r] (values < 2**widths) into bytes: component-major by width group, LSB first."""
+    chunks = []
+    for b in sorted(set(widths.tolist()) - {0}):
+        vals = q[:, widths == b].astype(np.uint32)  # [T, n_b]
+        bits = (vals[..., None] >> np.arange(b, dtype=np.uint32)) & 1  # [T, n_b, b]
+        chunks.append(np.packbits(bits.reshape(-1).astype(np.uint8), bitorder="little").tobytes())
+    return b"".join(chunks)
+
+
+def packed_size(num_tokens: int, widths: np.ndarray) -> int:
+    return sum((num_tokens * int((widths == b).sum()) * b + 7) // 8 for b in set(widths.tolist()) - {0})
+
+
+def unpack_bits(blob: bytes, num_tokens: int, widths: np.ndarray) -> np.ndarray:
+    """Inverse of pack_bits(); raises ValueError if blob has the wrong length."""
+    expected = packed_size(num_tokens, widths)
+    if len(blob) != expected:
+        raise ValueError(f"packed codes are {len(blob)} bytes, expected {expected}")
+    out = np.zeros((num_tokens, len(widths)), dtype=np.int32)
+    off = 0
+    for b in sorted(set(widths.tolist()) - {0}):
+        cols = widths == b
+        n = num_tokens * int(cols.sum()) * b
+        nbytes = (n + 7) // 8
+        bits = np.unpackbits(np.frombuffer(blob, np.uint8, nbytes, off), bitorder="little")[:n]
+        bits = bits.reshape(num_tokens, int(cols.sum()), b).astype(np.uint32)
+        out[:, cols] = (bits << np.arange(b, dtype=np.uint32)).sum(-1).astype(np.int32)
+        off += nbytes
+    return out

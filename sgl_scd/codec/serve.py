@@ -1,0 +1,44 @@
+"""Serving-side use of an adapter in the reference runtime: encode a producer capture, ship it
+through the wire format, rebuild the consumer's K/V and continue."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sgl_scd import runtime
+from sgl_scd.codec import wire
+from sgl_scd.codec.manifest import Adapter
+
+
+def encode_prompt(adapter: Adapter, cap: runtime.PrefillCapture, page_size: int | None = None,
+                  full_pages_only: bool = False) -> list[bytes]:
+    """Producer side: page blobs for a capture's tokens."""
+    ps = page_size or adapter.manifest["codec"]["page_size"]
+    return wire.encode_pages(adapter.encoder, adapter.encoder.encode(cap), adapter.codec_digest, ps,
+                             full_pages_only=full_pages_only)
+
+
+@torch.inference_mode()
+def rebuild_kv(adapter: Adapter, consumer_model, blobs: list[bytes], page_size: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consumer side: K/V [L, T, H, D] from page blobs (WireError on a bad page)."""
+    ps = page_size or adapter.manifest["codec"]["page_size"]
+    codes = wire.decode_pages(adapter.encoder, blobs, adapter.codec_digest, ps)
+    return adapter.decoder.rebuild(consumer_model, adapter.encoder.dequantize(codes))
+
+
+def scd_method(adapter: Adapter):
+    """An evaluate.Method: producer codes over the wire -> consumer rebuild -> continue."""
+
+    def run(p) -> runtime.Continuation:
+        blobs = encode_prompt(adapter, p.producer_capture)
+        t0 = time.perf_counter()
+        k, v = rebuild_kv(adapter, p.consumer.model, blobs)
+        rebuild_s = time.perf_counter() - t0
+        out = p.continue_consumer(k, v)
+        out.timings.update(rebuild_s=rebuild_s, payload_bytes=sum(map(len, blobs)), tokens=k.shape[1])
+        return out
+
+    return run

@@ -1,0 +1,111 @@
+"""Page-granular wire format for one prompt's SCD codes.
+
+One page = `page_size` consecutive tokens (the last page of a prompt may be shorter). Layout:
+
+  header  <4s H H 16s I H H I   magic b"SCDW", format version, flags (0), codec digest (16 bytes
+                                 of the manifest's codec revision), page index, page size,
+                                 tokens in this page, payload length
+  payload                        every slot's quantized codes for these tokens, bit-packed
+                                 (quant.pack_bits over the encoder's component widths)
+  crc32   <I                     over header + payload
+
+decode_page() refuses (WireError) a wrong magic, unknown version, codec digest or page index
+other than expected, a token count that does not fit, a truncated or padded blob, or a bad CRC.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from sgl_scd.codec import quant
+from sgl_scd.codec.codec import ProducerEncoder, Slot
+
+MAGIC = b"SCDW"
+VERSION = 1
+_HEADER = struct.Struct("<4sHH16sIHHI")
+_CRC = struct.Struct("<I")
+HEADER_BYTES = _HEADER.size + _CRC.size
+
+
+class WireError(ValueError):
+    """A payload that must not be used: the caller treats it as a cache miss."""
+
+
+def _flatten(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor]) -> np.ndarray:
+    missing = [s.name for s in encoder.slots if s not in codes]
+    if missing:
+        raise ValueError(f"codes lack slots {missing}")
+    return torch.cat([codes[s] for s in encoder.slots], 1).numpy()  # [T, C]
+
+
+def encode_page(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec_digest: bytes,
+                page_index: int, page_size: int) -> bytes:
+    """One page's blob from codes {slot: int32 [T, r]} of exactly this page's tokens."""
+    if len(codec_digest) != 16:
+        raise ValueError(f"codec digest must be 16 bytes, got {len(codec_digest)}")
+    flat = _flatten(encoder, codes)
+    n = flat.shape[0]
+    if not 0 < n <= page_size:
+        raise ValueError(f"a page holds 1..{page_size} tokens, got {n}")
+    payload = quant.pack_bits(flat, encoder.widths_array())
+    header = _HEADER.pack(MAGIC, VERSION, 0, codec_digest, page_index, page_size, n, len(payload))
+    return header + payload + _CRC.pack(zlib.crc32(header + payload))
+
+
+def encode_pages(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec_digest: bytes,
+                 page_size: int, *, full_pages_only: bool = True) -> list[bytes]:
+    """Split a prompt's codes into page blobs (by default only full pages, as SGLang keys them)."""
+    t = next(iter(codes.values())).shape[0]
+    end = (t // page_size) * page_size if full_pages_only else t
+    return [encode_page(encoder, {s: q[i : i + page_size] for s, q in codes.items()}, codec_digest,
+                        i // page_size, page_size)
+            for i in range(0, end, page_size)]
+
+
+def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page_index: int,
+                page_size: int) -> dict[Slot, torch.Tensor]:
+    """Codes {slot: int32 [n, r]} of one page; WireError if anything does not match."""
+    if len(blob) < HEADER_BYTES:
+        raise WireError(f"page blob of {len(blob)} bytes is shorter than the {HEADER_BYTES}-byte frame")
+    magic, version, _flags, digest, index, psize, n, plen = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise WireError(f"unknown wire format version {version} (this build reads {VERSION})")
+    if digest != codec_digest:
+        raise WireError(f"codec digest {digest.hex()} does not match the adapter's {codec_digest.hex()}")
+    if index != page_index:
+        raise WireError(f"page index {index} where {page_index} was expected")
+    if psize != page_size or not 0 < n <= page_size:
+        raise WireError(f"page size {psize} / token count {n} invalid for page size {page_size}")
+    widths = encoder.widths_array()
+    if plen != quant.packed_size(n, widths) or len(blob) != _HEADER.size + plen + _CRC.size:
+        raise WireError(f"truncated or padded page: {len(blob)} bytes for a {plen}-byte payload")
+    body = blob[: _HEADER.size + plen]
+    (crc,) = _CRC.unpack_from(blob, _HEADER.size + plen)
+    if crc != zlib.crc32(body):
+        raise WireError("checksum mismatch")
+    flat = torch.from_numpy(quant.unpack_bits(blob[_HEADER.size : _HEADER.size + plen], n, widths))
+    out, off = {}, 0
+    for s, e in encoder.slots.items():
+        out[s] = flat[:, off : off + e.rank]
+        off += e.rank
+    return out
+
+
+def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: bytes,
+                 page_size: int) -> dict[Slot, torch.Tensor]:
+    """Concatenated codes of consecutive pages 0..len(blobs)-1."""
+    pages = [decode_page(encoder, b, codec_digest, i, page_size) for i, b in enumerate(blobs)]
+    if not pages:
+        raise ValueError("no pages to decode")
+    return {s: torch.cat([p[s] for p in pages]) for s in encoder.slots}
+
+
+def payload_bytes_per_token(encoder: ProducerEncoder, page_size: int) -> float:
+    """Wire bytes per token for full pages, framing included."""
+    return (quant.packed_size(page_size, encoder.widths_array()) + HEADER_BYTES) / page_size

@@ -1,0 +1,37 @@
+import math
+
+import torch
+
+from sgl_scd.quality import MethodScore, exact_match, kl_divergence, normalize_answer, token_f1
+
+
+def test_squad_normalization():
+    assert normalize_answer("The  Pantry!") == "pantry"
+    assert normalize_answer("green_drawer") == "green drawer"
+
+
+def test_f1_and_em():
+    assert token_f1("pantry", "pantry") == 1.0
+    assert token_f1("The boots are in the pantry.", "pantry") == 2 * (1 / 5) * 1 / (1 / 5 + 1)
+    assert token_f1("bathtub", "pantry") == 0.0
+    assert exact_match("the Pantry", "pantry") == 1.0
+    assert exact_match("in the pantry", "pantry") == 0.0
+
+
+def test_kl_properties():
+    a = torch.randn(100)
+    assert kl_divergence(a, a) == 0.0
+    assert kl_divergence(a, a + 3.0) < 1e-9  # logits are shift-invariant
+    b = torch.randn(100)
+    p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
+    assert math.isclose(kl_divergence(a, b), float((p * (p / q).log()).sum()), rel_tol=1e-9)
+
+
+def test_method_score_summary():
+    s = MethodScore("x")
+    logits = torch.tensor([0.0, 5.0])
+    s.add("pantry", logits, "pantry", "pantry", logits)
+    s.add("box", torch.tensor([5.0, 0.0]), "pantry", "pantry", logits)
+    row = s.summary()
+    assert row["n"] == 2 and row["f1"] == 0.5 and row["same_answer"] == 0.5 and row["top1"] == 0.5
+    assert row["kl"] > 0

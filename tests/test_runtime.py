@@ -1,0 +1,61 @@
+"""The reference runtime's two directions on the real SmolLM2 (fp32)."""
+
+import pytest
+import torch
+
+from sgl_scd import data, runtime
+
+
+@pytest.fixture(scope="module")
+def prompt(base):
+    return data.prompt_ids(base.tokenizer, data.load_tomi("test")[0])
+
+
+def test_capture_shapes(base, prompt):
+    cap = runtime.capture_prefill(base.model, prompt)
+    cfg = base.config
+    assert cap.k.shape == (cfg.num_hidden_layers, len(prompt), cfg.num_key_value_heads, cfg.head_dim)
+    assert cap.v.shape == cap.k.shape
+    assert cap.h_in.shape == (cfg.num_hidden_layers, len(prompt), cfg.hidden_size)
+
+
+@pytest.mark.parametrize("covered", ["all_but_last", "half"])
+def test_injecting_own_kv_is_exact(base, prompt, covered):
+    """Own captured KV + continue == plain prefill: logits within 1e-4 (fp32; the only difference
+    is the attention's reduction order) and the same greedy answer."""
+    cap = runtime.capture_prefill(base.model, prompt, hidden=False)
+    t = len(prompt) - 1 if covered == "all_but_last" else len(prompt) // 2
+    plain = runtime.continue_from_kv(base.model, base.tokenizer, prompt)
+    injected = runtime.continue_from_kv(base.model, base.tokenizer, prompt, cap.k[:, :t], cap.v[:, :t])
+    assert (plain.first_logits - injected.first_logits).abs().max().item() <= 1e-4
+    assert injected.tokens == plain.tokens and injected.text == plain.text
+    assert len(plain.tokens) > 0
+
+
+def test_project_kv_recomputes_captured_kv(base, prompt):
+    cap = runtime.capture_prefill(base.model, prompt)
+    for layer in (0, 14, 29):
+        k, v = runtime.project_kv(base.model, layer, cap.h_in[layer])
+        assert (k - cap.k[layer]).abs().max() < 1e-4
+        assert (v - cap.v[layer]).abs().max() < 1e-4
+
+
+def test_derotated_keys_are_position_free(base):
+    """The same token at two positions has (almost) the same de-rotated key at layer 0."""
+    tok = base.tokenizer.encode(" apple", add_special_tokens=False)
+    ids = tok * 6
+    cap = runtime.capture_prefill(base.model, ids, hidden=False)
+    k0 = cap.k_derotated()[0]  # [T, H, D]; layer 0 sees only the token's own embedding in K
+    assert (k0[1] - k0[5]).abs().max() < 1e-3
+    assert (cap.k[0, 1] - cap.k[0, 5]).abs().max() > 0.1  # while rotated keys differ
+
+
+def test_continue_refuses_kv_covering_the_whole_prompt(base, prompt):
+    cap = runtime.capture_prefill(base.model, prompt, hidden=False)
+    with pytest.raises(ValueError, match="at least the last prompt token"):
+        runtime.continue_from_kv(base.model, base.tokenizer, prompt, cap.k, cap.v)
+
+
+def test_build_cache_names_bad_shape(base):
+    with pytest.raises(ValueError, match=r"L=30"):
+        runtime.build_cache(base.model, torch.zeros(2, 3, 3, 64), torch.zeros(2, 3, 3, 64))
