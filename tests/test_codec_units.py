@@ -1,0 +1,119 @@
+"""No-model unit tests of the codec's pieces: factorization, quantization, bit packing, wire."""
+
+import numpy as np
+import pytest
+import torch
+
+from sgl_scd.codec import quant, wire
+from sgl_scd.codec.codec import ProducerEncoder, Slot, fit_slot_encoder, plan_slots
+from sgl_scd.codec.factor import joint_factorization, pca, ridge
+
+
+def test_joint_factorization_recovers_known_rank():
+    """Paired data generated from a rank-5 latent: rank 5 reconstructs B almost exactly from A
+    alone (the producer side), rank 4 cannot."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 5, generator=g)
+    a = z @ torch.randn(5, 40, generator=g) + 3.0
+    b = z @ torch.randn(5, 24, generator=g) - 1.0
+    a_noisy = a + 1e-3 * torch.randn(a.shape, generator=g)
+    jf = joint_factorization(a_noisy, b, rank=5)
+    err5 = ((jf.decode_b(jf.encode(a_noisy)) - b).norm() / (b - b.mean(0)).norm()).item()
+    jf4 = joint_factorization(a_noisy, b, rank=4)
+    err4 = ((jf4.decode_b(jf4.encode(a_noisy)) - b).norm() / (b - b.mean(0)).norm()).item()
+    assert err5 < 1e-2, err5  # noise 1e-3 against unit-scale signal
+    assert err4 > 0.1, err4  # dropping a true component loses ~1/5 of the energy
+
+
+def test_ridge_recovers_affine_map():
+    x = torch.randn(500, 8)
+    w, b = torch.randn(8, 3), torch.randn(3)
+    w_hat, b_hat = ridge(x, x @ w + b, lam=1e-8)
+    assert torch.allclose(w_hat, w, atol=1e-4) and torch.allclose(b_hat, b, atol=1e-4)
+
+
+def test_pca_orders_components_by_variance():
+    x = torch.randn(3000, 4) * torch.tensor([5.0, 1.0, 3.0, 0.1])
+    p = pca(x)
+    assert torch.all(p.var[:-1] >= p.var[1:])
+    assert abs(p.var[0].item() - 25.0) < 2.5  # ~10% sampling error at n=3000
+
+
+def test_bit_allocation_follows_variance():
+    w = quant.allocate_bits(torch.tensor([100.0, 10.0, 1.0, 0.01]), 12)
+    assert w.sum() == 12 and w[0] >= w[1] >= w[2] >= w[3]
+    assert w[3] == 0  # a component with 1e-4 of the top variance gets nothing
+    with pytest.raises(ValueError, match="-1"):
+        quant.allocate_bits(torch.ones(3), -1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_quantizer_error_matches_gaussian_tables(bits):
+    z = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(bits))
+    w = torch.tensor([bits], dtype=torch.int32)
+    mse = (quant.dequantize(quant.quantize(z, w), w) - z).pow(2).mean().item()
+    # the numerically optimal table value, within 10% (sampling error at n=2e5 is ~1-3%)
+    assert abs(mse - quant.GAUSS_MSE[bits]) / quant.GAUSS_MSE[bits] < 0.1
+
+
+def test_pack_roundtrip_mixed_widths():
+    rng = np.random.default_rng(0)
+    widths = np.array([1, 3, 8, 0, 5, 3, 2])
+    q = np.stack([rng.integers(0, 1 << max(b, 1), 13) if b else np.zeros(13, int) for b in widths], 1)
+    blob = quant.pack_bits(q, widths)
+    assert len(blob) == quant.packed_size(13, widths)
+    assert np.array_equal(quant.unpack_bits(blob, 13, widths), q)
+    with pytest.raises(ValueError, match="expected"):
+        quant.unpack_bits(blob[:-1], 13, widths)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    torch.manual_seed(0)
+    slots = {}
+    for s in plan_slots(3, [1]):
+        d = 12 if s.kind == "h" else 6
+        slots[s] = fit_slot_encoder(torch.randn(400, d) * torch.linspace(2, 0.1, d), 14)
+    return ProducerEncoder(slots, 1e5)
+
+
+def _codes(enc, t):
+    return {s: e.encode(torch.randn(t, e.mean.shape[0])) for s, e in enc.slots.items()}
+
+
+def test_wire_roundtrip(tiny_encoder):
+    codes = _codes(tiny_encoder, 37)
+    digest = b"d" * 16
+    blobs = wire.encode_pages(tiny_encoder, codes, digest, page_size=16, full_pages_only=False)
+    assert len(blobs) == 3  # 16 + 16 + 5 tokens
+    back = wire.decode_pages(tiny_encoder, blobs, digest, 16)
+    for s in tiny_encoder.slots:
+        assert torch.equal(back[s], codes[s])
+    assert len(wire.encode_pages(tiny_encoder, codes, digest, 16)) == 2  # full pages only
+
+
+def test_wire_refuses_bad_payloads(tiny_encoder):
+    digest = b"d" * 16
+    blob = wire.encode_page(tiny_encoder, _codes(tiny_encoder, 16), digest, 0, 16)
+    cases = {
+        "truncated": (blob[:-3], digest, 0),
+        "padded": (blob + b"\0", digest, 0),
+        "codec digest": (blob, b"e" * 16, 0),
+        "page index": (blob, digest, 1),
+        "checksum": (blob[:40] + bytes([blob[40] ^ 1]) + blob[41:], digest, 0),
+        "magic": (b"XXXX" + blob[4:], digest, 0),
+        "version": (blob[:4] + b"\x09\x00" + blob[6:], digest, 0),
+        "shorter than": (blob[:10], digest, 0),
+    }
+    for what, (b, d, idx) in cases.items():
+        with pytest.raises(wire.WireError, match=what):
+            wire.decode_page(tiny_encoder, b, d, idx, 16)
+
+
+def test_slot_names_and_plans():
+    assert Slot.parse("L07.k") == Slot(7, "k")
+    with pytest.raises(ValueError, match="'q'"):
+        Slot(0, "q")
+    with pytest.raises(ValueError, match=r"\[40\]"):
+        plan_slots(30, [40])
+    assert [s.name for s in plan_slots(2, [1])] == ["L00.k", "L00.v", "L01.h"]
