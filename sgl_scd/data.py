@@ -126,3 +126,22 @@ def prompt_ids(tokenizer, item: QAItem) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def load_long_context(tokenizer, min_tokens: int = 1024) -> list[QAItem]:
+    """Prompts of >= min_tokens: consecutive Hi-ToM stories joined (distractor first), asking the
+    last story's question. Hi-ToM alone peaks near 600 tokens; this is the >= 1k-token set."""
+    src = load_hitom()
+    items, i = [], 0
+    while i < len(src):
+        parts = [src[i]]
+        i += 1
+        while i < len(src) and len(prompt_ids(tokenizer, QAItem("", "\n\n".join(p.context for p in parts),
+                                                          parts[-1].question, ""))) < min_tokens:
+            parts.append(src[i])
+            i += 1
+        last = parts[-1]
+        ctx = "\n\n".join(p.context for p in parts)
+        if len(prompt_ids(tokenizer, QAItem("", ctx, last.question, ""))) >= min_tokens:
+            items.append(QAItem(f"long-{len(items)}", ctx, last.question, last.answer))
+    return items

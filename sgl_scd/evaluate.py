@@ -32,7 +32,7 @@ class PairItem:
     @cached_property
     def producer_capture(self) -> runtime.PrefillCapture:
         """The producer's prefill of all prompt tokens but the last (the part that is shipped)."""
-        return runtime.capture_prefill(self.producer.model, self.ids[:-1], hidden=True)
+        return runtime.capture_prefill(self.producer.model, self.ids[:-1], hidden=True, residual=True)
 
     def continue_consumer(self, k=None, v=None) -> runtime.Continuation:
         return runtime.continue_from_kv(self.consumer.model, self.consumer.tokenizer, self.ids, k, v,

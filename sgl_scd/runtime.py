@@ -29,6 +29,7 @@ class PrefillCapture:
     last_logits: torch.Tensor  # [V] next-token logits after the whole input
     theta: float  # the RoPE base the keys were rotated with
     tail_logits: torch.Tensor | None = None  # [m, V] logits of the last m positions, if asked
+    resid: torch.Tensor | None = None  # [L, T, hidden] residual stream entering each layer, if asked
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +58,8 @@ def num_layers(model) -> int:
 
 
 @torch.inference_mode()
-def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0) -> PrefillCapture:
+def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0,
+                    residual: bool = False) -> PrefillCapture:
     """Run a full prefill of ids and return per-layer K (post-RoPE), V and normalized inputs
     (and the logits of the last `tail` positions)."""
     if len(ids) == 0:
@@ -71,7 +73,8 @@ def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0
             )
     try:
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                    output_hidden_states=residual)
     finally:
         for h in hooks:
             h.remove()
@@ -81,6 +84,7 @@ def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0
         k=k, v=v, h_in=torch.stack(h_in) if hidden else None,
         last_logits=out.logits[0, -1].float(), theta=rope.rope_theta(model.config),
         tail_logits=out.logits[0, -tail:].float().clone() if tail else None,
+        resid=torch.stack(out.hidden_states[:-1])[:, 0] if residual else None,
     )
 
 

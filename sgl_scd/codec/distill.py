@@ -83,7 +83,7 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
             for j in chunk:
                 loss = kl_loss(suffix_logits(consumer_model, decoder, train[j]), train[j].oracle_logp) / len(chunk)
                 loss.backward()
-                running += float(loss) * len(chunk)
+                running += loss.item() * len(chunk)
             opt.step()
             sched.step()
         decoder.eval()

@@ -253,6 +253,13 @@ class PrefixStore:
             )
         return out
 
+    def record_rejected(self, *, adapter: str, pages: int, cause: str) -> None:
+        """Count pages that the store served intact but the consumer refused to use (e.g. the
+        codec's wire check failed): a miss of its own cause, counted like the store's."""
+        check_adapter(adapter)
+        self.metrics.misses.labels(self._label, adapter, "decode", cause).inc()
+        self._count(adapter, {f"miss:decode:{cause}": 1, "rejected_pages": pages})
+
     # -- analytics ---------------------------------------------------------------------
     def flush_stats(self) -> bool:
         """Push buffered counter deltas to the backend now. False (deltas kept) on failure."""

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Quality vs time-to-first-token of cross-model KV reuse, every method in one run.
+
+Methods: oracle (consumer prefill), raw_kv, kivi4, droidspeak, scd_reuse (SCD without patches,
+producer side = K/V pages only, what SGLang always exposes), scd (with patch layers).
+TTFT(bw) = payload / bandwidth + measured rebuild + measured suffix forward (oracle: its prefill).
+One JSON line per (dataset, method) to --json, plus a PNG of the quality-TTFT frontier.
+
+  python scripts/bench_pareto.py --n 500 --json out/pareto.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from sgl_scd import data, evaluate, models, runtime
+from sgl_scd.codec import baselines
+from sgl_scd.codec.manifest import load_adapter
+from sgl_scd.codec.serve import scd_method
+from sgl_scd.paths import ADAPTERS_DIR
+from sgl_scd.runinfo import provenance
+
+BANDWIDTHS = (1, 10, 25, 100, 200, 400)
+
+
+def log(msg: str) -> None:
+    print(f"[bench_pareto] {msg}", file=sys.stderr, flush=True)
+
+
+def pareto(rows: list[dict], bw: int) -> set[str]:
+    """Methods not dominated in (TTFT at bw, KL): no other is at least as good in both and better in one."""
+    front = set()
+    for r in rows:
+        t, q = r["ttft_s"][str(bw)], r["kl"]
+        if not any((o["ttft_s"][str(bw)] <= t and o["kl"] <= q) and (o["ttft_s"][str(bw)] < t or o["kl"] < q)
+                   for o in rows if o is not r):
+            front.add(r["method"])
+    return front
+
+
+def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_token) -> list[dict]:
+    timing = defaultdict(lambda: defaultdict(list))
+
+    def on_item(p, outs):
+        oracle_s = outs["oracle"].forward_s
+        for m, out in outs.items():
+            t = timing[m]
+            tokens = out.timings.get("tokens", len(p.ids) - 1)
+            payload = out.timings.get("payload_bytes", 0.0 if m == "oracle" else raw_per_token * tokens)
+            t["payload"].append(payload)
+            t["tokens"].append(tokens)
+            t["rebuild"].append(out.timings.get("rebuild_s", 0.0))
+            t["forward"].append(out.forward_s)
+            t["oracle"].append(oracle_s)
+            t["prompt_tokens"].append(len(p.ids))
+
+    rows = evaluate.evaluate(producer, consumer, items, methods, desc=f"{name}", on_item=on_item)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for r in rows:
+        t = timing[r["method"]]
+        r["dataset"] = name
+        r["payload_bytes_per_token"] = sum(t["payload"]) / sum(t["tokens"])
+        r["raw_kv_bytes_per_token"] = raw_per_token
+        r["payload_ratio"] = r["payload_bytes_per_token"] / raw_per_token
+        r["rebuild_s"] = mean(t["rebuild"])
+        r["suffix_forward_s"] = mean(t["forward"])
+        r["oracle_prefill_s"] = mean(t["oracle"])
+        r["prompt_tokens"] = mean(t["prompt_tokens"])
+        r["compute_ratio_vs_prefill"] = (sum(t["rebuild"]) + sum(t["forward"])) / sum(t["oracle"]) \
+            if r["method"] != "oracle" else 1.0
+        r["ttft_s"] = {str(bw): mean([p * 8 / (bw * 1e9) + rb + f for p, rb, f in
+                                      zip(t["payload"], t["rebuild"], t["forward"])]) for bw in bandwidths}
+    for bw in bandwidths:
+        front = pareto(rows, bw)
+        for r in rows:
+            r.setdefault("on_pareto", {})[str(bw)] = r["method"] in front
+    return rows
+
+
+def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows_by_dataset)
+    fig, axes = plt.subplots(len(names), len(bandwidths), figsize=(3.2 * len(bandwidths), 3.0 * len(names)),
+                             squeeze=False)
+    colors = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
+              "scd_reuse": "tab:cyan", "scd": "tab:blue"}
+    for i, name in enumerate(names):
+        for j, bw in enumerate(bandwidths):
+            ax = axes[i][j]
+            rows = rows_by_dataset[name]
+            front = sorted((r for r in rows if r["on_pareto"][str(bw)]), key=lambda r: r["ttft_s"][str(bw)])
+            ax.plot([r["ttft_s"][str(bw)] * 1e3 for r in front], [r["kl"] + 1e-3 for r in front], "--",
+                    color="0.6", zorder=1)
+            for r in rows:
+                ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=colors.get(r["method"], "g"),
+                           label=r["method"], zorder=2, s=40)
+            ax.set_yscale("log")
+            ax.set_title(f"{name} @ {bw} Gbps", fontsize=9)
+            ax.set_xlabel("TTFT (ms)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("KL vs oracle + 1e-3", fontsize=8)
+            ax.tick_params(labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(out, dpi=110)
+    log(f"wrote {out}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100, help="held-out ToMi items (default 100)")
+    p.add_argument("--n-hitom", type=int, default=50, help="Hi-ToM items (longer stories; default 50)")
+    p.add_argument("--n-long", type=int, default=20, help=">=1k-token items (joined Hi-ToM; default 20)")
+    p.add_argument("--producer", default="base")
+    p.add_argument("--consumer", default="demo-ft")
+    p.add_argument("--adapter", help="SCD adapter dir (default adapters/<consumer>)")
+    p.add_argument("--reuse-adapter", help="SCD reuse-only adapter (default adapters/<consumer>-reuse)")
+    p.add_argument("--droidspeak-width", type=int, default=6, help="recomputed contiguous layers")
+    p.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS)), help="Gbps, comma-separated")
+    p.add_argument("--json", required=True, help="output JSON-lines file")
+    p.add_argument("--png", help="frontier plot (default: next to --json)")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bws = [int(x) for x in args.bandwidths.split(",")]
+    producer, consumer = models.load(args.producer), models.load(args.consumer)
+    cfg = consumer.config
+    raw = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * baselines.BF16
+    methods = {"raw_kv": evaluate.raw_kv, "kivi4": baselines.kivi_method(4)}
+    # DroidSpeak's offline profiling on dev prompts (never the test items)
+    dev = [evaluate.PairItem(producer, consumer, it, data.prompt_ids(consumer.tokenizer, it))
+           for it in data.load_tomi("dev")[:24]]
+    start, scores = baselines.profile_droidspeak(dev, args.droidspeak_width)
+    log(f"DroidSpeak window: layers {start}..{start + args.droidspeak_width - 1} "
+        f"(dev KL {scores[0][1]:.4f}; worst window {scores[-1][1]:.4f})")
+    methods["droidspeak"] = baselines.droidspeak_method(start, args.droidspeak_width)
+    for key, path in (("scd_reuse", args.reuse_adapter or ADAPTERS_DIR / f"{args.consumer}-reuse"),
+                      ("scd", args.adapter or ADAPTERS_DIR / args.consumer)):
+        try:
+            methods[key] = scd_method(load_adapter(Path(path), producer, consumer))
+        except FileNotFoundError as e:
+            log(f"skipping {key}: {e}")
+    sets = {"tomi": data.load_tomi("test")[: args.n], "hitom": data.load_hitom()[: args.n_hitom],
+            "long1k": data.load_long_context(consumer.tokenizer)[: args.n_long]}
+    config = {"producer": args.producer, "consumer": args.consumer, "bandwidths_gbps": bws,
+              "droidspeak": {"start": start, "width": args.droidspeak_width}, "threads": torch.get_num_threads(),
+              "n": {k: len(v) for k, v in sets.items()}}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with out.open("w") as f:
+        for name, items in sets.items():
+            if not items:
+                continue
+            rows = run_dataset(name, items, producer, consumer, methods, bws, raw)
+            results[name] = rows
+            for r in rows:
+                f.write(json.dumps({**r, **provenance(config)}) + "\n")
+                f.flush()
+                log(f"{name:>6} {r['method']:>10} f1={r['f1']:.3f} kl={r['kl']:.4f} same={r['same_answer']:.3f} "
+                    f"payload={r['payload_ratio']:.3f}x compute={r['compute_ratio_vs_prefill']:.3f}x "
+                    f"ttft@200={r['ttft_s'].get('200', float('nan')) * 1e3:.1f}ms")
+    plot(results, bws, Path(args.png) if args.png else out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Baselines measured in the same framework as SCD.
+
+  kivi4      the producer's raw KV quantized KIVI-style to 4 bits: keys per channel (groups
+             of 32 tokens), values per token (one group per head), fp16 scale + zero per group
+  droidspeak DroidSpeak-style selective recompute: reuse the producer's KV for most layers and
+             recompute a contiguous window [s, s+w) of consumer layers from the producer's
+             residual stream entering layer s (the shipped "E-cache"); s is chosen by offline
+             profiling of dev KL. The reused keys get the consumer's RoPE base (a free fix any
+             implementation would apply to a RoPE-changed pair), so this baseline is not
+             handicapped by the RoPE change; raw_kv shows what happens without it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from sgl_scd import quality, rope, runtime
+
+BF16 = 2
+
+
+def _quant_groups(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Asymmetric min/max quantize-dequantize of x, one (scale, zero) per slice along `dim`."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    scale, lo = scale.half().float(), lo.half().float()  # shipped as fp16
+    return torch.round((x - lo) / scale).clamp(0, 2**bits - 1) * scale + lo
+
+
+def kivi_quantize(k: torch.Tensor, v: torch.Tensor, bits: int = 4, group: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(k_hat, v_hat, payload bytes per token) for k, v [L, T, H, D]."""
+    L, T, H, D = k.shape
+    pad = (-T) % group
+    kp = torch.cat([k, k[:, -1:].expand(L, pad, H, D)], 1) if pad else k
+    kg = kp.view(L, -1, group, H, D)  # [L, T/g, g, H, D]: per-channel stats over g tokens
+    k_hat = _quant_groups(kg, bits, 2).view(L, -1, H, D)[:, :T]
+    v_hat = _quant_groups(v, bits, 3)  # per token and head, over the D channels
+    per_token = L * H * D * bits / 8 * 2 + L * H * D * 2 * 2 / group + L * H * 2 * 2
+    return k_hat, v_hat, per_token
+
+
+def kivi_method(bits: int = 4):
+    def run(p) -> runtime.Continuation:
+        cap = p.producer_capture
+        t0 = time.perf_counter()
+        k, v, per_tok = kivi_quantize(cap.k, cap.v, bits)
+        rebuild_s = time.perf_counter() - t0
+        out = p.continue_consumer(k, v)
+        out.timings.update(rebuild_s=rebuild_s, payload_bytes=per_tok * cap.num_tokens, tokens=cap.num_tokens)
+        return out
+
+    return run
+
+
+@torch.inference_mode()
+def recompute_window(consumer_model, resid: torch.Tensor, start: int, end: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run consumer layers [start, end) on the residual stream resid [T, hidden] entering `start`;
+    returns their K (after RoPE) and V, [end - start, T, H, D]."""
+    layers = consumer_model.model.layers
+    t = resid.shape[0]
+    h = resid[None].to(consumer_model.dtype)
+    pos = torch.arange(t)[None]
+    cos_sin = consumer_model.model.rotary_emb(h, pos)
+    ks, vs = [], []
+    for j in range(start, end):
+        k, v = runtime.project_kv(consumer_model, j, layers[j].input_layernorm(h)[0])
+        ks.append(k)
+        vs.append(v)
+        if j + 1 < end:  # the last layer's output is not needed
+            h = layers[j](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
+    return torch.stack(ks), torch.stack(vs)
+
+
+def droidspeak_kv(p, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cap = p.producer_capture
+    theta_c = rope.rope_theta(p.consumer.config)
+    k = cap.k if cap.theta == theta_c else rope.rotate(rope.derotate(cap.k, cap.theta), theta_c)
+    v = cap.v.clone()
+    k = k.clone()
+    kw, vw = recompute_window(p.consumer.model, cap.resid[start], start, start + width)
+    k[start : start + width], v[start : start + width] = kw, vw
+    return k, v
+
+
+def droidspeak_payload_per_token(cfg, width: int) -> float:
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    return (cfg.num_hidden_layers - width) * 2 * kv * BF16 + cfg.hidden_size * BF16
+
+
+def droidspeak_method(start: int, width: int):
+    def run(p) -> runtime.Continuation:
+        t0 = time.perf_counter()
+        k, v = droidspeak_kv(p, start, width)
+        rebuild_s = time.perf_counter() - t0
+        out = p.continue_consumer(k, v)
+        t = k.shape[1]
+        out.timings.update(rebuild_s=rebuild_s, tokens=t,
+                           payload_bytes=droidspeak_payload_per_token(p.consumer.config, width) * t)
+        return out
+
+    return run
+
+
+def profile_droidspeak(pairs: list, width: int) -> tuple[int, list[tuple[int, float]]]:
+    """Offline profiling: mean last-token KL vs the oracle for every window start; best first."""
+    oracle = [runtime.capture_prefill(p.consumer.model, p.ids, hidden=False).last_logits for p in pairs]
+    n_layers = pairs[0].consumer.config.num_hidden_layers
+    scores = []
+    for s in tqdm(range(n_layers - width + 1), desc=f"profile DroidSpeak windows (w={width})", file=sys.stderr):
+        kl = 0.0
+        for p, ref in zip(pairs, oracle):
+            k, v = droidspeak_kv(p, s, width)
+            with torch.inference_mode():
+                cache = runtime.build_cache(p.consumer.model, k, v)
+                t = k.shape[1]
+                logits = p.consumer.model(input_ids=torch.tensor([p.ids[t:]]),
+                                          position_ids=torch.arange(t, len(p.ids))[None],
+                                          past_key_values=cache).logits[0, -1]
+            kl += quality.kl_divergence(ref, logits)
+        scores.append((s, kl / len(pairs)))
+    scores.sort(key=lambda x: x[1])
+    return scores[0][0], scores
