@@ -32,7 +32,7 @@ adapters/demo-ft/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline)
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-layers 0
+	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0
 
 adapters/demo-lora/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-lora --name demo-lora

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sgl_scd import data, evaluate, models, runtime
+from sgl_scd import data, evaluate, models
 from sgl_scd.codec import baselines
 from sgl_scd.codec.manifest import load_adapter
 from sgl_scd.codec.serve import scd_method
@@ -61,7 +61,7 @@ def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_to
             t["prompt_tokens"].append(len(p.ids))
 
     rows = evaluate.evaluate(producer, consumer, items, methods, desc=f"{name}", on_item=on_item)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     for r in rows:
         t = timing[r["method"]]
         r["dataset"] = name

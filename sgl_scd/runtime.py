@@ -28,7 +28,7 @@ class PrefillCapture:
     h_in: torch.Tensor | None  # [L, T, hidden] or None when not captured
     last_logits: torch.Tensor  # [V] next-token logits after the whole input
     theta: float  # the RoPE base the keys were rotated with
-    tail_logits: torch.Tensor | None = None  # [m, V] logits of the last m positions, if asked
+    sel_logits: torch.Tensor | None = None  # [P, V] logits at the positions asked for (logits_at)
     resid: torch.Tensor | None = None  # [L, T, hidden] residual stream entering each layer, if asked
 
     @property
@@ -58,10 +58,10 @@ def num_layers(model) -> int:
 
 
 @torch.inference_mode()
-def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0,
+def capture_prefill(model, ids: list[int], *, hidden: bool = True, logits_at: list[int] | None = None,
                     residual: bool = False) -> PrefillCapture:
     """Run a full prefill of ids and return per-layer K (post-RoPE), V and normalized inputs
-    (and the logits of the last `tail` positions)."""
+    (optionally the logits at positions `logits_at` and the residual stream)."""
     if len(ids) == 0:
         raise ValueError("capture_prefill needs at least one token id")
     h_in: list[torch.Tensor] = []
@@ -83,7 +83,7 @@ def capture_prefill(model, ids: list[int], *, hidden: bool = True, tail: int = 0
     return PrefillCapture(
         k=k, v=v, h_in=torch.stack(h_in) if hidden else None,
         last_logits=out.logits[0, -1].float(), theta=rope.rope_theta(model.config),
-        tail_logits=out.logits[0, -tail:].float().clone() if tail else None,
+        sel_logits=out.logits[0, logits_at].float().clone() if logits_at else None,
         resid=torch.stack(out.hidden_states[:-1])[:, 0] if residual else None,
     )
 
@@ -149,6 +149,30 @@ def continue_from_kv(
         pos += 1
     return Continuation(first_logits=first_logits, tokens=tokens,
                         text=tokenizer.decode(tokens, skip_special_tokens=True), forward_s=forward_s)
+
+
+class _ReplacedKV(DynamicCache):
+    """A cache that hands every layer's attention the given K/V instead of its own."""
+
+    def __init__(self, config, k: torch.Tensor, v: torch.Tensor):
+        super().__init__(config=config)
+        self._k, self._v = k, v
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self._k[layer_idx].transpose(0, 1)[None], self._v[layer_idx].transpose(0, 1)[None]
+
+
+def forward_with_kv(model, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Logits [T, V] of a forward over ids in which every layer attends to the given K/V
+    [L, T, H_kv, D] (causally) instead of the K/V it computes itself. Differentiable in k, v.
+
+    Each position's prediction then depends on the given K/V of the positions up to it: this
+    supervises a K/V rebuild at every prompt position in one pass (used by distillation).
+    """
+    if k.shape[1] != len(ids):
+        raise ValueError(f"K/V cover {k.shape[1]} tokens, ids have {len(ids)}")
+    cache = _ReplacedKV(model.config, k.to(model.dtype), v.to(model.dtype))
+    return model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0].float()
 
 
 def _stop_ids(tokenizer) -> set[int]:

@@ -92,7 +92,7 @@ def make_server(engine: ReuseEngine, host: str, port: int) -> ThreadingHTTPServe
         def _json(self, code: int, obj) -> None:
             self._send(code, json.dumps(obj).encode())
 
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             if self.path == "/health":
                 self._json(200, {"status": "ok", "models": models})
             elif self.path == "/metrics":
@@ -101,7 +101,7 @@ def make_server(engine: ReuseEngine, host: str, port: int) -> ThreadingHTTPServe
             else:
                 self._json(404, {"error": f"no route {self.path!r}"})
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             if self.path != "/generate":
                 return self._json(404, {"error": f"no route {self.path!r}"})
             try:

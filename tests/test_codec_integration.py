@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sgl_scd import data, evaluate, runtime
-from sgl_scd.codec import baselines, manifest as mf, wire
+from sgl_scd.codec import baselines, wire
+from sgl_scd.codec import manifest as mf
 from sgl_scd.codec.serve import encode_prompt, rebuild_kv, scd_method
 
 pytestmark = pytest.mark.model

@@ -31,11 +31,10 @@ def test_rebase_between_thetas_is_a_change_of_rotation():
 
 
 def test_non_default_rope_is_refused():
-    class Cfg:
-        rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4}
+    from types import SimpleNamespace
 
     try:
-        rope.rope_theta(Cfg())
+        rope.rope_theta(SimpleNamespace(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
     except ValueError as e:
         assert "yarn" in str(e)
     else:

@@ -42,7 +42,7 @@ class Slot:
         return f"L{self.layer:02d}.{self.kind}"
 
     @classmethod
-    def parse(cls, name: str) -> "Slot":
+    def parse(cls, name: str) -> Slot:
         layer, kind = name.split(".")
         return cls(int(layer[1:]), kind)
 
@@ -133,7 +133,7 @@ class ProducerEncoder:
         return out
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], theta: float) -> "ProducerEncoder":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], theta: float) -> ProducerEncoder:
         names = sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in sd if k.startswith("enc.")})
         slots = {Slot.parse(n): SlotEncoder(*(sd[f"enc.{n}.{f}"] for f in ("mean", "basis", "std", "widths")))
                  for n in names}

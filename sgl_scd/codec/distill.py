@@ -1,9 +1,12 @@
 """End-to-end distillation of consumer decoders through the frozen consumer.
 
-For each calibration prompt, the decoder rebuilds the consumer's K/V for all but the last m
-prompt tokens; the consumer runs those m tokens on top of the rebuilt cache, and the loss is
-KL(p_oracle || p) at those positions, where p_oracle is the consumer's own prefill. Only the
-decoder's parameters learn; the codes are the exact quantized codes served later.
+For each calibration prompt, the decoder rebuilds the consumer's K/V for every prompt token;
+the consumer runs the prompt attending to the rebuilt K/V at every layer
+(runtime.forward_with_kv), and the loss is KL(p_oracle || p) at ~24 sampled positions (the
+last one weighted 4x), where p_oracle is the consumer's own prefill. Supervising many
+positions, not only the few chat-template tokens at the end, is what keeps 200 prompts from
+overfitting. Only the decoder learns; the codes are the exact quantized codes served later.
+Model selection uses the exact serving path (last_token_kl) on held-out prompts.
 """
 
 from __future__ import annotations
@@ -22,41 +25,39 @@ from sgl_scd.codec.codec import ConsumerDecoder, Slot
 @dataclass
 class DistillSample:
     ids: list[int]
-    z: dict[Slot, torch.Tensor]  # dequantized codes of tokens [0, len(ids) - m)
-    oracle_logp: torch.Tensor  # [m, V] consumer log-probs at the last m prompt positions
+    z: dict[Slot, torch.Tensor]  # dequantized codes of every prompt token, {slot: [n, r]}
+    positions: list[int]  # supervised prompt positions; the last one is n - 1
+    oracle_logp: torch.Tensor  # [P, V] the consumer's own log-probs there (fp16 to save memory)
 
 
-def suffix_logits(consumer_model, decoder: ConsumerDecoder, sample: DistillSample) -> torch.Tensor:
-    """Consumer logits [m, V] for the last m prompt tokens on top of the rebuilt cache."""
-    k, v = decoder.rebuild(consumer_model, sample.z)
-    t = k.shape[1]
-    cache = runtime.build_cache(consumer_model, k, v)
-    suffix = torch.tensor([sample.ids[t:]])
-    out = consumer_model(input_ids=suffix, position_ids=torch.arange(t, len(sample.ids))[None],
-                         past_key_values=cache, use_cache=True)
-    return out.logits[0].float()
-
-
-def position_weights(m: int, last_weight: float = 4.0) -> torch.Tensor:
-    w = torch.ones(m)
+def position_weights(p: int, last_weight: float = 4.0) -> torch.Tensor:
+    w = torch.ones(p)
     w[-1] = last_weight  # the first answer token matters most
     return w / w.sum()
 
 
-def kl_loss(logits: torch.Tensor, oracle_logp: torch.Tensor) -> torch.Tensor:
-    logq = torch.log_softmax(logits, -1)
-    kl = (oracle_logp.exp() * (oracle_logp - logq)).sum(-1)  # [m]
+def train_loss(consumer_model, decoder: ConsumerDecoder, s: DistillSample) -> torch.Tensor:
+    """Weighted KL(oracle || consumer attending to the rebuilt K/V) at the sampled positions."""
+    k, v = decoder.rebuild(consumer_model, s.z)
+    logq = torch.log_softmax(runtime.forward_with_kv(consumer_model, s.ids, k, v)[s.positions], -1)
+    logp = s.oracle_logp.float()
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # [P]
     return (kl * position_weights(kl.shape[0])).sum()
 
 
 @torch.no_grad()
 def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample]) -> float:
-    """Mean KL at the last prompt position (the first answer token), the serving metric."""
+    """Mean KL at the first answer token when all but the last prompt token are rebuilt: the
+    serving path exactly (rebuild -> cache -> run the last token)."""
     total = 0.0
     for s in samples:
-        logits = suffix_logits(consumer_model, decoder, s)
-        lp = s.oracle_logp[-1]
-        total += float((lp.exp() * (lp - torch.log_softmax(logits[-1], -1))).sum())
+        n = len(s.ids)
+        k, v = decoder.rebuild(consumer_model, {slot: z[: n - 1] for slot, z in s.z.items()})
+        cache = runtime.build_cache(consumer_model, k, v)
+        logits = consumer_model(input_ids=torch.tensor([s.ids[-1:]]), position_ids=torch.tensor([[n - 1]]),
+                                past_key_values=cache, use_cache=True).logits[0, -1].float()
+        lp = s.oracle_logp[-1].float()
+        total += float((lp.exp() * (lp - torch.log_softmax(logits, -1))).sum())
     return total / max(1, len(samples))
 
 
@@ -81,7 +82,7 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
             opt.zero_grad(set_to_none=True)
             chunk = order[i : i + batch]
             for j in chunk:
-                loss = kl_loss(suffix_logits(consumer_model, decoder, train[j]), train[j].oracle_logp) / len(chunk)
+                loss = train_loss(consumer_model, decoder, train[j]) / len(chunk)
                 loss.backward()
                 running += loss.item() * len(chunk)
             opt.step()
