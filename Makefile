@@ -32,7 +32,7 @@ adapters/demo-ft/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft --n-calib 256 --patch-count 8 --epochs 8
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline)
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 192 --epochs 4
+	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --epochs 3
 
 adapters/demo-lora/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-lora --name demo-lora

@@ -44,7 +44,7 @@ def pareto(rows: list[dict], bw: int) -> set[str]:
     return front
 
 
-def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_token) -> list[dict]:
+def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_token, max_new_tokens) -> list[dict]:
     timing = defaultdict(lambda: defaultdict(list))
 
     def on_item(p, outs):
@@ -60,7 +60,8 @@ def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_to
             t["oracle"].append(oracle_s)
             t["prompt_tokens"].append(len(p.ids))
 
-    rows = evaluate.evaluate(producer, consumer, items, methods, desc=f"{name}", on_item=on_item)
+    rows = evaluate.evaluate(producer, consumer, items, methods, desc=f"{name}", on_item=on_item,
+                             max_new_tokens=max_new_tokens)
     mean = lambda xs: sum(xs) / len(xs)
     for r in rows:
         t = timing[r["method"]]
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
     p.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS)), help="Gbps, comma-separated")
     p.add_argument("--json", required=True, help="output JSON-lines file")
     p.add_argument("--png", help="frontier plot (default: next to --json)")
+    p.add_argument("--max-new-tokens", type=int, default=8,
+                   help="greedy answer length cap (default 8: gold answers are one word)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads:
@@ -156,6 +159,7 @@ def main(argv=None) -> None:
             "long1k": data.load_long_context(consumer.tokenizer)[: args.n_long]}
     config = {"producer": args.producer, "consumer": args.consumer, "bandwidths_gbps": bws,
               "droidspeak": {"start": start, "width": args.droidspeak_width}, "threads": torch.get_num_threads(),
+              "max_new_tokens": args.max_new_tokens,
               "n": {k: len(v) for k, v in sets.items()}}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +168,7 @@ def main(argv=None) -> None:
         for name, items in sets.items():
             if not items:
                 continue
-            rows = run_dataset(name, items, producer, consumer, methods, bws, raw)
+            rows = run_dataset(name, items, producer, consumer, methods, bws, raw, args.max_new_tokens)
             results[name] = rows
             for r in rows:
                 f.write(json.dumps({**r, **provenance(config)}) + "\n")
