@@ -128,6 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--adapter", help="SCD adapter dir (default adapters/<consumer>)")
     p.add_argument("--reuse-adapter", help="SCD reuse-only adapter (default adapters/<consumer>-reuse)")
     p.add_argument("--droidspeak-width", type=int, default=6, help="recomputed contiguous layers")
+    p.add_argument("--n-profile", type=int, default=24, help="dev prompts for DroidSpeak's window profiling")
     p.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS)), help="Gbps, comma-separated")
     p.add_argument("--json", required=True, help="output JSON-lines file")
     p.add_argument("--png", help="frontier plot (default: next to --json)")
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
     methods = {"raw_kv": evaluate.raw_kv, "kivi4": baselines.kivi_method(4)}
     # DroidSpeak's offline profiling on dev prompts (never the test items)
     dev = [evaluate.PairItem(producer, consumer, it, data.prompt_ids(consumer.tokenizer, it))
-           for it in data.load_tomi("dev")[:24]]
+           for it in data.load_tomi("dev")[: args.n_profile]]
     start, scores = baselines.profile_droidspeak(dev, args.droidspeak_width)
     log(f"DroidSpeak window: layers {start}..{start + args.droidspeak_width - 1} "
         f"(dev KL {scores[0][1]:.4f}; worst window {scores[-1][1]:.4f})")

@@ -7,6 +7,8 @@ consumer's. Rotation by an angle is orthogonal, so derotate(rotate(x)) == x up t
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -28,6 +30,14 @@ def cos_sin(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
+@lru_cache(maxsize=64)
+def _tables(theta: float, head_dim: int, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, D] cos/sin for positions start..start+t-1, cached: a rebuild rotates 30 layers
+    at the same positions."""
+    cos, sin = cos_sin(theta, head_dim, torch.arange(start, start + t))
+    return cos[:, None, :], sin[:, None, :]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -35,15 +45,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
     """Apply RoPE to x [..., T, H, D] at positions start..start+T-1."""
-    t, d = x.shape[-3], x.shape[-1]
-    cos, sin = cos_sin(theta, d, torch.arange(start, start + t))
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D] broadcast over heads
+    cos, sin = _tables(float(theta), x.shape[-1], start, x.shape[-3])  # [T, 1, D] over heads
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
 def derotate(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
     """Inverse of rotate(): rotation by the negative angle."""
-    t, d = x.shape[-3], x.shape[-1]
-    cos, sin = cos_sin(theta, d, torch.arange(start, start + t))
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = _tables(float(theta), x.shape[-1], start, x.shape[-3])
     return (x.float() * cos - _rotate_half(x.float()) * sin).to(x.dtype)

@@ -117,3 +117,19 @@ def test_slot_names_and_plans():
     with pytest.raises(ValueError, match=r"\[40\]"):
         plan_slots(30, [40])
     assert [s.name for s in plan_slots(2, [1])] == ["L00.k", "L00.v", "L01.h"]
+
+
+def test_vectorized_dequantize_equals_per_slot(tiny_encoder):
+    codes = _codes(tiny_encoder, 21)
+    fast = tiny_encoder.dequantize(codes)
+    for s, e in tiny_encoder.slots.items():
+        assert torch.allclose(fast[s], e.dequantize(codes[s]), atol=1e-6)
+
+
+def test_unpack_pages_equals_page_by_page():
+    rng = np.random.default_rng(1)
+    widths = np.array([2, 3, 3, 5, 0, 8])
+    pages = [np.stack([rng.integers(0, 1 << max(b, 1), 16) if b else np.zeros(16, int) for b in widths], 1)
+             for _ in range(4)]
+    blobs = [quant.pack_bits(q, widths) for q in pages]
+    assert np.array_equal(quant.unpack_pages(blobs, 16, widths), np.concatenate(pages))

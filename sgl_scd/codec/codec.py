@@ -119,7 +119,25 @@ class ProducerEncoder:
         return {s: e.encode(slot_input(cap, s, k_derot)) for s, e in self.slots.items()}
 
     def dequantize(self, codes: dict[Slot, torch.Tensor]) -> dict[Slot, torch.Tensor]:
-        return {s: self.slots[s].dequantize(q) for s, q in codes.items()}
+        """Whitened codes {slot: [T, r]}; one vectorized op when every slot is present."""
+        if set(codes) != set(self.slots):
+            return {s: self.slots[s].dequantize(q) for s, q in codes.items()}
+        flat = torch.cat([codes[s] for s in self.slots], 1).float()  # [T, C]
+        scale, offset = self._levels()
+        z = flat * scale + offset  # (q - 2^(b-1) + 0.5) * step
+        out, off = {}, 0
+        for s, e in self.slots.items():
+            out[s] = z[:, off : off + e.rank]
+            off += e.rank
+        return out
+
+    def _levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "_level_cache"):
+            w = torch.cat([e.widths for e in self.slots.values()]).long()
+            step = torch.tensor([quant.GAUSS_STEP[int(b)] for b in w], dtype=torch.float32)
+            half = torch.pow(2.0, (w - 1).float())
+            self._level_cache = (step, (0.5 - half) * step)
+        return self._level_cache
 
     def widths_array(self) -> np.ndarray:
         """Widths of all components in slot order: the layout of one token's codes on the wire."""

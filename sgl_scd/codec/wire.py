@@ -66,9 +66,9 @@ def encode_pages(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], code
             for i in range(0, end, page_size)]
 
 
-def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page_index: int,
-                page_size: int) -> dict[Slot, torch.Tensor]:
-    """Codes {slot: int32 [n, r]} of one page; WireError if anything does not match."""
+def _check_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page_index: int,
+                page_size: int) -> tuple[int, bytes]:
+    """Validate one page's frame; return (token count, packed payload). WireError otherwise."""
     if len(blob) < HEADER_BYTES:
         raise WireError(f"page blob of {len(blob)} bytes is shorter than the {HEADER_BYTES}-byte frame")
     magic, version, _flags, digest, index, psize, n, plen = _HEADER.unpack_from(blob)
@@ -82,14 +82,15 @@ def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page
         raise WireError(f"page index {index} where {page_index} was expected")
     if psize != page_size or not 0 < n <= page_size:
         raise WireError(f"page size {psize} / token count {n} invalid for page size {page_size}")
-    widths = encoder.widths_array()
-    if plen != quant.packed_size(n, widths) or len(blob) != _HEADER.size + plen + _CRC.size:
+    if plen != quant.packed_size(n, encoder.widths_array()) or len(blob) != _HEADER.size + plen + _CRC.size:
         raise WireError(f"truncated or padded page: {len(blob)} bytes for a {plen}-byte payload")
-    body = blob[: _HEADER.size + plen]
     (crc,) = _CRC.unpack_from(blob, _HEADER.size + plen)
-    if crc != zlib.crc32(body):
+    if crc != zlib.crc32(memoryview(blob)[: _HEADER.size + plen]):
         raise WireError("checksum mismatch")
-    flat = torch.from_numpy(quant.unpack_bits(blob[_HEADER.size : _HEADER.size + plen], n, widths))
+    return n, blob[_HEADER.size : _HEADER.size + plen]
+
+
+def _split(encoder: ProducerEncoder, flat: torch.Tensor) -> dict[Slot, torch.Tensor]:
     out, off = {}, 0
     for s, e in encoder.slots.items():
         out[s] = flat[:, off : off + e.rank]
@@ -97,13 +98,28 @@ def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page
     return out
 
 
+def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page_index: int,
+                page_size: int) -> dict[Slot, torch.Tensor]:
+    """Codes {slot: int32 [n, r]} of one page; WireError if anything does not match."""
+    n, payload = _check_page(encoder, blob, codec_digest, page_index, page_size)
+    return _split(encoder, torch.from_numpy(quant.unpack_bits(payload, n, encoder.widths_array())))
+
+
 def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: bytes,
                  page_size: int) -> dict[Slot, torch.Tensor]:
-    """Concatenated codes of consecutive pages 0..len(blobs)-1."""
-    pages = [decode_page(encoder, b, codec_digest, i, page_size) for i, b in enumerate(blobs)]
-    if not pages:
+    """Concatenated codes of consecutive pages 0..len(blobs)-1 (every page checked first;
+    full pages are unpacked together, a shorter last page on its own)."""
+    if not blobs:
         raise ValueError("no pages to decode")
-    return {s: torch.cat([p[s] for p in pages]) for s in encoder.slots}
+    checked = [_check_page(encoder, b, codec_digest, i, page_size) for i, b in enumerate(blobs)]
+    widths = encoder.widths_array()
+    full = [p for n, p in checked if n == page_size]
+    if any(n != page_size for n, _ in checked[:-1]):
+        raise WireError("only the last page of a prompt may be partial")
+    parts = [quant.unpack_pages(full, page_size, widths)] if full else []
+    if checked[-1][0] != page_size:
+        parts.append(quant.unpack_bits(checked[-1][1], checked[-1][0], widths))
+    return _split(encoder, torch.from_numpy(np.concatenate(parts)))
 
 
 def payload_bytes_per_token(encoder: ProducerEncoder, page_size: int) -> float:
