@@ -104,8 +104,9 @@ def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> 
     """unpack_bits() of several same-length pages at once -> [pages * num_tokens, r].
     One numpy pass per width group over all pages (the hot path of a rebuild)."""
     expected = packed_size(num_tokens, widths)
-    if any(len(p) != expected for p in payloads):
-        raise ValueError(f"packed codes must be {expected} bytes per page")
+    for p in payloads:
+        if len(p) != expected:
+            raise ValueError(f"packed codes are {len(p)} bytes, expected {expected}")
     buf = np.frombuffer(b"".join(payloads), np.uint8).reshape(len(payloads), expected)  # [P, bytes]
     out = np.zeros((len(payloads), num_tokens, len(widths)), dtype=np.int32)
     off = 0
@@ -122,17 +123,4 @@ def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> 
 
 def unpack_bits(blob: bytes, num_tokens: int, widths: np.ndarray) -> np.ndarray:
     """Inverse of pack_bits(); raises ValueError if blob has the wrong length."""
-    expected = packed_size(num_tokens, widths)
-    if len(blob) != expected:
-        raise ValueError(f"packed codes are {len(blob)} bytes, expected {expected}")
-    out = np.zeros((num_tokens, len(widths)), dtype=np.int32)
-    off = 0
-    for b in sorted(set(widths.tolist()) - {0}):
-        cols = widths == b
-        n = num_tokens * int(cols.sum()) * b
-        nbytes = (n + 7) // 8
-        bits = np.unpackbits(np.frombuffer(blob, np.uint8, nbytes, off), bitorder="little")[:n]
-        bits = bits.reshape(num_tokens, int(cols.sum()), b).astype(np.uint32)
-        out[:, cols] = (bits << np.arange(b, dtype=np.uint32)).sum(-1).astype(np.int32)
-        off += nbytes
-    return out
+    return unpack_pages([blob], num_tokens, widths)
