@@ -70,3 +70,12 @@ def test_kivi4_error_is_small_and_payload_quarter():
     assert (kh - k).pow(2).mean() / k.pow(2).mean() < 0.02  # 4-bit min/max over 32 values
     assert (vh - v).pow(2).mean() / v.pow(2).mean() < 0.02
     assert 0.25 < per_tok / (30 * 2 * 192 * 2) < 0.35  # 4 bits + fp16 scales/zeros
+
+
+def test_kivi4_constant_groups_stay_finite():
+    """A group whose values are all equal has zero range: reconstruction must be exact, not NaN."""
+    k = torch.ones(2, 40, 3, 64)
+    v = torch.zeros(2, 40, 3, 64)
+    kh, vh, _ = baselines.kivi_quantize(k, v, 4)
+    assert torch.isfinite(kh).all() and torch.isfinite(vh).all()
+    assert torch.allclose(kh, k, atol=1e-3) and torch.allclose(vh, v)

@@ -26,8 +26,8 @@ BF16 = 2
 def _quant_groups(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Asymmetric min/max quantize-dequantize of x, one (scale, zero) per slice along `dim`."""
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    scale, lo = scale.half().float(), lo.half().float()  # shipped as fp16
+    scale, lo = ((hi - lo) / (2**bits - 1)).half().float(), lo.half().float()  # shipped as fp16
+    scale = scale.clamp_min(1e-6)  # a constant group (or an fp16 underflow) must not divide by 0
     return torch.round((x - lo) / scale).clamp(0, 2**bits - 1) * scale + lo
 
 
