@@ -118,8 +118,7 @@ def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[disti
 
 def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
     """Dev-KL gain of patching each single layer (closed-form decoders), best first."""
-    _, dec0 = decoder_for(enc_all, affine, [], hidden, ident)
-    e0, _ = decoder_for(enc_all, affine, [], hidden, ident)
+    e0, dec0 = decoder_for(enc_all, affine, [], hidden, ident)
     base_kl = distill.last_token_kl(consumer.model, dec0, distill_samples(e0, dev))
     gains = []
     for layer in tqdm(range(ident["num_layers"]), desc="rank patch layers", file=sys.stderr):
