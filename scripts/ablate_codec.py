@@ -31,8 +31,8 @@ from sgl_scd.calibrate import (
 )
 from sgl_scd.codec import distill, quant
 from sgl_scd.codec import manifest as mf
-from sgl_scd.codec.codec import ProducerEncoder, SlotEncoder, fit_slot_encoder
-from sgl_scd.codec.factor import joint_factorization, ridge
+from sgl_scd.codec.codec import SlotEncoder, fit_slot_encoder
+from sgl_scd.codec.factor import joint_factorization, pca
 from sgl_scd.runinfo import provenance
 
 
@@ -41,47 +41,39 @@ def kl_of(encoder, affine, patch, consumer, ident, dev, hidden):
     return distill.last_token_kl(consumer.model, dec, distill_samples(enc, dev)), enc.bits_per_token()
 
 
-def joint_codec(train, bits, theta, lam):
-    """Paper's reading: joint SVD of [A | B] per slot -> consumer-specific code, ridge encoder."""
-    encoders, affine = {}, {}
-    for s in sorted(train[0].producer):
-        if s.kind == "h":
-            continue
-        x = torch.cat([p.producer[s] for p in train])
-        y = torch.cat([p.consumer[s] for p in train])
-        jf = joint_factorization(x, y, rank=x.shape[1])
-        z = jf.encode(x)  # [N, r] joint code from the producer alone
-        var = z.var(0)
-        widths = quant.allocate_bits(var, bits[s.kind])
-        keep = widths > 0
-        # express as a SlotEncoder: basis = enc columns (not orthonormal, fine for encode)
-        e = SlotEncoder(jf.mean_a, jf.enc[:, keep].contiguous(), var[keep].clamp_min(1e-12).sqrt(),
-                        widths[keep].to(torch.int32))
-        encoders[s] = e
-        affine[s] = ridge(e.dequantize(e.encode(x)), y, lam)
-    return ProducerEncoder(encoders, theta), affine
+def joint_encoder(x, y, budget_bits):
+    """Paper's reading: joint SVD of [A | B] -> consumer-specific code, ridge producer encoder."""
+    jf = joint_factorization(x, y, rank=x.shape[1])
+    var = jf.encode(x).var(0)  # variance of the joint code, computed from the producer alone
+    widths = quant.allocate_bits(var, budget_bits)
+    keep = widths > 0
+    # basis = the encoder's columns (not orthonormal; SlotEncoder only projects with it)
+    return SlotEncoder(jf.mean_a, jf.enc[:, keep].contiguous(), var[keep].clamp_min(1e-12).sqrt(),
+                       widths[keep].to(torch.int32))
 
 
-def per_head_codec(train, bits, theta, lam, heads):
+def per_head_encoder(heads):
     """Separate PCA per KV head (block-diagonal basis) instead of one per layer."""
-    encoders, affine = {}, {}
-    for s in sorted(train[0].producer):
-        if s.kind == "h":
-            continue
-        x = torch.cat([p.producer[s] for p in train])
-        y = torch.cat([p.consumer[s] for p in train])
+
+    def fit(x, _y, budget_bits):
         d = x.shape[1] // heads
-        parts = [fit_slot_encoder(x[:, h * d:(h + 1) * d], bits[s.kind] // heads) for h in range(heads)]
+        parts = [fit_slot_encoder(x[:, h * d:(h + 1) * d], budget_bits // heads) for h in range(heads)]
         basis = torch.zeros(x.shape[1], sum(p.rank for p in parts))
         col = 0
         for h, p in enumerate(parts):
             basis[h * d:(h + 1) * d, col:col + p.rank] = p.basis
             col += p.rank
-        e = SlotEncoder(torch.cat([p.mean for p in parts]), basis, torch.cat([p.std for p in parts]),
-                        torch.cat([p.widths for p in parts]))
-        encoders[s] = e
-        affine[s] = ridge(e.dequantize(e.encode(x)), y, lam)
-    return ProducerEncoder(encoders, theta), affine
+        return SlotEncoder(torch.cat([p.mean for p in parts]), basis, torch.cat([p.std for p in parts]),
+                           torch.cat([p.widths for p in parts]))
+
+    return fit
+
+
+def full_rank_8bit_encoder(x, _y, _budget_bits):
+    """Every PCA component at 8 bits, whatever the budget."""
+    pc = pca(x)
+    return SlotEncoder(pc.mean, pc.basis, pc.var.clamp_min(1e-12).sqrt(),
+                       torch.full((pc.basis.shape[1],), 8, dtype=torch.int32))
 
 
 def main(argv=None):
@@ -120,16 +112,13 @@ def main(argv=None):
         if bpd == 3.0:
             base_enc, base_aff = enc, aff
     bits3 = {"k": 3 * kv, "v": 3 * kv, "h": 6 * kv}
-    enc, aff = joint_codec(train, bits3, theta, 1e-3)
+    enc, aff = fit_codec(train, bits3, theta, 1e-3, joint_encoder, kinds=("k", "v"))
     emit("reuse joint-svd 3.0 bits/dim", *kl_of(enc, aff, [], cons, ident, dev, hidden), basis="joint")
-    enc, aff = per_head_codec(train, bits3, theta, 1e-3, cons.config.num_key_value_heads)
+    enc, aff = fit_codec(train, bits3, theta, 1e-3, per_head_encoder(cons.config.num_key_value_heads),
+                         kinds=("k", "v"))
     emit("reuse per-head pca 3.0 bits/dim", *kl_of(enc, aff, [], cons, ident, dev, hidden), basis="per-head")
-    # unquantized full-rank ridge: the closed-form ceiling of linear reuse
-    fr = {s: SlotEncoder(e.mean, *_full_rank(torch.cat([t.producer[s] for t in train])))
-          for s, e in base_enc.slots.items() if s.kind != "h"}
-    fr_enc = ProducerEncoder(fr, theta)
-    fr_aff = {s: ridge(e.dequantize(e.encode(torch.cat([t.producer[s] for t in train]))),
-                       torch.cat([t.consumer[s] for t in train]), 1e-3) for s, e in fr.items()}
+    # every component at 8 bits: the closed-form ceiling of linear reuse
+    fr_enc, fr_aff = fit_codec(train, bits3, theta, 1e-3, full_rank_8bit_encoder, kinds=("k", "v"))
     emit("reuse producer-pca 8 bits/dim (near lossless)", *kl_of(fr_enc, fr_aff, [], cons, ident, dev, hidden))
     ranked = rank_patch_layers(base_enc, base_aff, cons, ident, dev, hidden)
     for k in (1, 2, 4, 6, 8):
@@ -138,13 +127,6 @@ def main(argv=None):
     emit("patch every layer", *kl_of(base_enc, base_aff, list(range(ident["num_layers"])), cons, ident, dev, hidden))
     with open(args.json, "w") as f:
         f.writelines(json.dumps({**r, **provenance(vars(args))}) + "\n" for r in rows)
-
-
-def _full_rank(x):
-    from sgl_scd.codec.factor import pca
-
-    pc = pca(x)
-    return pc.basis, pc.var.clamp_min(1e-12).sqrt(), torch.full((pc.basis.shape[1],), 8, dtype=torch.int32)
 
 
 if __name__ == "__main__":

@@ -86,15 +86,23 @@ def prompts_from_file(path: Path, tokenizer) -> list[tuple[list[int], data.QAIte
     return out
 
 
-def fit_codec(train: list[PairCapture], bits: dict[str, int], theta: float, ridge_lam: float
+def _fit_pca_encoder(x: torch.Tensor, _y: torch.Tensor, budget_bits: int):
+    return fit_slot_encoder(x, budget_bits)
+
+
+def fit_codec(train: list[PairCapture], bits: dict[str, int], theta: float, ridge_lam: float,
+              fit_encoder=_fit_pca_encoder, kinds: tuple[str, ...] = ("k", "v", "h"),
               ) -> tuple[ProducerEncoder, dict[Slot, tuple[torch.Tensor, torch.Tensor]]]:
-    """Encoders for every slot (k, v and h of every layer) and closed-form decoders (W, b)."""
-    slots = sorted(train[0].producer)
+    """Encoders for every slot of the given kinds and closed-form decoders (W, b).
+
+    fit_encoder(x [N, d] producer, y [N, d'] consumer, budget bits) -> SlotEncoder; the default is
+    the producer-only PCA basis (ablations pass other bases)."""
+    slots = [s for s in sorted(train[0].producer) if s.kind in kinds]
     encoders, affine = {}, {}
     for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
         x = torch.cat([p.producer[s] for p in train])  # [N, d]
         y = torch.cat([p.consumer[s] for p in train])  # [N, d']
-        enc = fit_slot_encoder(x, bits[s.kind])
+        enc = fit_encoder(x, y, bits[s.kind])
         encoders[s] = enc
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
     return ProducerEncoder(encoders, theta), affine
