@@ -58,10 +58,10 @@ def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng) -> P
     cc = runtime.capture_prefill(consumer.model, ids, hidden=True, logits_at=positions)
     slots = [Slot(layer, kind) for layer in range(producer.config.num_hidden_layers) for kind in ("k", "v", "h")]
     pk, ck = pc.k_derotated(), cc.k_derotated()
-    return PairCapture(
+    return PairCapture(  # fp16 halves capture memory (~115 KB per token); fits run in fp32
         ids=ids,
-        producer={s: slot_input(pc, s, pk) for s in slots},
-        consumer={s: slot_input(cc, s, ck) for s in slots},
+        producer={s: slot_input(pc, s, pk).half() for s in slots},
+        consumer={s: slot_input(cc, s, ck).half() for s in slots},
         positions=positions,
         oracle_logp=torch.log_softmax(cc.sel_logits, -1).half(),
     )
@@ -100,8 +100,8 @@ def fit_codec(train: list[PairCapture], bits: dict[str, int], theta: float, ridg
     slots = [s for s in sorted(train[0].producer) if s.kind in kinds]
     encoders, affine = {}, {}
     for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
-        x = torch.cat([p.producer[s] for p in train])  # [N, d]
-        y = torch.cat([p.consumer[s] for p in train])  # [N, d']
+        x = torch.cat([p.producer[s] for p in train]).float()  # [N, d]
+        y = torch.cat([p.consumer[s] for p in train]).float()  # [N, d']
         enc = fit_encoder(x, y, bits[s.kind])
         encoders[s] = enc
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
@@ -120,7 +120,7 @@ def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: 
 
 
 def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[distill.DistillSample]:
-    return [distill.DistillSample(c.ids, {s: e.dequantize(e.encode(c.producer[s])) for s, e in enc.slots.items()},
+    return [distill.DistillSample(c.ids, {s: e.dequantize(e.encode(c.producer[s].float())) for s, e in enc.slots.items()},
                                   c.positions, c.oracle_logp) for c in caps]
 
 
@@ -144,6 +144,23 @@ def heldout_quality(producer, consumer, adapter: mf.Adapter, items: list[data.QA
     return next(r for r in rows if r["method"] == "scd")
 
 
+def builtin_long_prompts(tok, n_train: int, n_dev: int) -> tuple[list[data.QAItem], list[data.QAItem]]:
+    """Long calibration prompts from Hi-ToM's calib split (benchmarks use the eval split): one
+    question per story (every 5th story held out for dev), and a quarter of each as >= 1k-token
+    joined stories, so the decoders see the positions long prompts reach."""
+    if n_train + n_dev == 0:
+        return [], []
+    first_q = list({it.context: it for it in reversed(data.load_hitom("calib"))}.values())[::-1]
+    joined = data.load_long_context(tok, split="calib")
+    dev_stories = first_q[::5]
+    train_stories = [it for i, it in enumerate(first_q) if i % 5]
+    n_tj, n_dj = n_train // 4, n_dev // 4
+    # joined prompts alternate too, so a dev prompt's last story is never a train prompt's
+    train = train_stories[: n_train - n_tj] + joined[1::2][:n_tj]
+    dev = dev_stories[: n_dev - n_dj] + joined[0::2][:n_dj]
+    return train, dev
+
+
 def calibrate(args) -> Path:
     torch.manual_seed(args.seed)
     t_start = time.time()
@@ -156,15 +173,18 @@ def calibrate(args) -> Path:
         train_rows, dev_rows = rows[:-n_dev][: args.n_calib], rows[-n_dev:]
         eval_items = [item for _, item in dev_rows if item is not None]
         source = str(args.prompts)
-    else:  # built-in demo set: ToMi items the fine-tunes never trained on
-        train_items = data.load_tomi("train")[1000 : 1000 + args.n_calib]
+    else:  # built-in demo set: ToMi items the fine-tunes never trained on, plus long prompts
+        long_train, long_dev = builtin_long_prompts(tok, args.n_calib_long, args.n_dev_long)
+        train_items = data.load_tomi("train")[1000 : 1000 + args.n_calib] + long_train
         dev_split = data.load_tomi("dev")
         train_rows = [(data.prompt_ids(tok, it), it) for it in train_items]
-        dev_rows = [(data.prompt_ids(tok, it), it) for it in dev_split[: args.n_dev]]
+        dev_rows = [(data.prompt_ids(tok, it), it) for it in dev_split[: args.n_dev] + long_dev]
         eval_items = dev_split[args.n_dev : args.n_dev + args.n_eval]
-        source = "builtin:tomi-train[1000:]+tomi-dev"
+        source = "builtin:tomi-train[1000:]+tomi-dev+hitom-calib"
+    lengths = [len(ids) for ids, _ in train_rows]
     digest = hashlib.sha256(json.dumps([ids for ids, _ in train_rows + dev_rows]).encode()).hexdigest()
-    log(f"{len(train_rows)} calibration + {len(dev_rows)} held-out prompts from {source}")
+    log(f"{len(train_rows)} calibration ({min(lengths)}-{max(lengths)} tokens) + {len(dev_rows)} held-out "
+        f"prompts from {source}")
     rng = random.Random(args.seed)
     train = [capture_pair(producer, consumer, ids, args.positions, rng)
              for ids, _ in tqdm(train_rows, desc="capture train", file=sys.stderr)]
@@ -211,7 +231,8 @@ def calibrate(args) -> Path:
         "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
                    "kv": str(consumer.model.dtype).replace("torch.", "")},
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
-                        "n_dev": len(dev_s), "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
+                        "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
+                        "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
     }
     out = Path(args.out or ADAPTERS_DIR / args.name)
@@ -242,6 +263,9 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", help="JSONL calibration prompts (default: the built-in ToMi demo set)")
     p.add_argument("--n-calib", type=int, default=192, help="calibration prompts (default 192)")
     p.add_argument("--n-dev", type=int, default=48, help="held-out prompts for selection (default 48)")
+    p.add_argument("--n-calib-long", type=int, default=32,
+                   help="long (Hi-ToM, 200-1,200-token) calibration prompts added to the built-in set (default 32)")
+    p.add_argument("--n-dev-long", type=int, default=8, help="long held-out prompts (default 8)")
     p.add_argument("--n-eval", type=int, default=100, help="held-out QA items for F1 (default 100)")
     p.add_argument("--budget-kl", type=float, default=0.05, help="expected held-out KL budget (default 0.05)")
     p.add_argument("--bits-per-dim", type=float, default=3.0,

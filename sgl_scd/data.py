@@ -103,14 +103,25 @@ def load_tomi(split: str) -> list[QAItem]:
     return picked
 
 
-def load_hitom() -> list[QAItem]:
-    """Hi-ToM's 600 longer stories (held out: never used for training or calibration)."""
+HITOM_SPLITS = ("eval", "calib")
+
+
+def load_hitom(split: str = "eval") -> list[QAItem]:
+    """Hi-ToM items (5 questions per story, 120 stories), longest stories first.
+
+    Stories ranked by length alternate between 'eval' (benchmarks) and 'calib' (calibration of
+    long-prompt adapters), so both splits span the same lengths and share no story."""
+    if split not in HITOM_SPLITS:
+        raise ValueError(f"unknown Hi-ToM split {split!r}; expected one of {HITOM_SPLITS}")
     rows = _read_jsonl(ensure_data() / "hitom.jsonl")
     items = []
     for i, row in enumerate(rows):
         story, question = _split_story(row["input"][-1]["content"])
         items.append(QAItem(f"hitom-{i}", story, question, row["ideal"]))
-    # Longest stories first in a seeded order within each length bucket.
+    stories = sorted({it.context for it in items}, key=lambda c: (-len(c), c))
+    chosen = set(stories[HITOM_SPLITS.index(split) :: 2])
+    items = [it for it in items if it.context in chosen]
+    # Longest stories first, in a seeded order within each length bucket.
     random.Random(SPLIT_SEED).shuffle(items)
     items.sort(key=lambda it: -len(it.context))
     return items
@@ -128,10 +139,11 @@ def prompt_ids(tokenizer, item: QAItem) -> list[int]:
     return list(ids)
 
 
-def load_long_context(tokenizer, min_tokens: int = 1024) -> list[QAItem]:
-    """Prompts of >= min_tokens: consecutive Hi-ToM stories joined (distractor first), asking the
-    last story's question. Hi-ToM alone peaks near 600 tokens; this is the >= 1k-token set."""
-    src = load_hitom()
+def load_long_context(tokenizer, min_tokens: int = 1024, split: str = "eval") -> list[QAItem]:
+    """Prompts of >= min_tokens: consecutive Hi-ToM stories of one split joined (distractor
+    first), asking the last story's question. Hi-ToM alone peaks near 600 tokens; this is the
+    >= 1k-token set."""
+    src = load_hitom(split)
     items, i = [], 0
     while i < len(src):
         parts = [src[i]]

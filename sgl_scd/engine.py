@@ -66,6 +66,10 @@ class ReuseEngine:
         self.label = adapter_label or adapter.name
         self.page_size = store.identity.page_size
         self.max_new_tokens = max_new_tokens
+        # Decoders are only trusted on positions calibration saw: longer prefixes reuse that much
+        # and prefill the rest (older manifests carry no bound).
+        max_tokens = adapter.manifest.get("calibration", {}).get("max_tokens")
+        self.max_reuse_pages = None if max_tokens is None else max_tokens // self.page_size
 
     @torch.inference_mode()
     def serve_producer(self, ids: list[int]) -> RequestResult:
@@ -92,9 +96,15 @@ class ReuseEngine:
         """The consumer answers, rebuilding as many leading pages from codes as the store holds."""
         t0 = time.perf_counter()
         usable = (len(ids) - 1) // self.page_size  # the last prompt token is always prefilled
+        beyond = 0
+        if self.max_reuse_pages is not None and usable > self.max_reuse_pages:
+            beyond, usable = usable - self.max_reuse_pages, self.max_reuse_pages
+            self.store.record_rejected(adapter=self.label, pages=beyond, cause="beyond_calibration")
         hashes = self.store.page_hashes(ids)[:usable]
         blobs = self.store.fetch_prefix(hashes, adapter=self.label) if hashes else []
         cause = None if len(blobs) == usable else "store_miss"
+        if cause is None and beyond:
+            cause = "beyond_calibration"
         k = v = None
         rebuild_s = 0.0
         if blobs:

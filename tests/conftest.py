@@ -41,7 +41,7 @@ def small_adapter(tmp_path_factory, base, demo_ft):
 
     out = tmp_path_factory.mktemp("adapters") / "small"
     calibrate.main(["--consumer", "demo-ft", "--out", str(out), "--n-calib", "24", "--n-dev", "8",
-                    "--n-eval", "0", "--patch-count", "2", "--epochs", "2",
+                    "--n-eval", "0", "--n-calib-long", "0", "--n-dev-long", "0", "--patch-count", "2", "--epochs", "2",
                     "--hidden-h", "64"])
     from sgl_scd.codec.manifest import load_adapter
 

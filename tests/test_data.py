@@ -17,6 +17,13 @@ def test_items_have_question_and_answer_in_story():
         assert it.answer in it.context  # ToMi answers are locations named in the story
 
 
+def test_hitom_splits_share_no_story_and_span_the_same_lengths():
+    ev, cal = data.load_hitom("eval"), data.load_hitom("calib")
+    assert len(ev) == len(cal) == 300  # 120 stories x 5 questions, alternating by length rank
+    assert not {it.context for it in ev} & {it.context for it in cal}
+    assert abs(len(ev[0].context) - len(cal[0].context)) < 0.1 * len(ev[0].context)
+
+
 def test_hitom_is_longer(base):
     tomi = max(len(data.prompt_ids(base.tokenizer, it)) for it in data.load_tomi("test")[:50])
     hitom = len(data.prompt_ids(base.tokenizer, data.load_hitom()[0]))

@@ -67,3 +67,17 @@ def test_store_down_falls_back_to_prefill(base, demo_ft, small_adapter):
     got = eng.serve_consumer(ids)
     assert got.reused_tokens == 0 and got.text == _oracle_text(demo_ft, ids)
     store.close()
+
+
+def test_prefix_beyond_calibrated_length_is_prefilled_and_counted(engine, base):
+    ids = _ids(base, 3)
+    engine.serve_producer(ids)
+    engine.max_reuse_pages = 2  # as if calibration had seen prompts of at most 2 pages
+    got = engine.serve_consumer(ids)
+    assert got.reused_tokens == 2 * engine.page_size and got.miss_cause == "beyond_calibration"
+    causes = engine.store.stats()["adapters"]["demo-ft"]["misses_by_cause"]
+    assert causes["decode:beyond_calibration"] == 1
+
+
+def test_manifest_bounds_reuse_by_calibrated_length(small_adapter, engine):
+    assert engine.max_reuse_pages == small_adapter.manifest["calibration"]["max_tokens"] // engine.page_size
