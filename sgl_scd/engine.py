@@ -126,4 +126,4 @@ class ReuseEngine:
 
     def _rebuild(self, blobs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         codes = wire.decode_pages(self.adapter.encoder, blobs, self.adapter.codec_digest, self.page_size)
-        return self.adapter.decoder.rebuild(self.consumer.model, self.adapter.encoder.dequantize(codes))
+        return self.adapter.rebuild(self.consumer.model, codes)

@@ -51,7 +51,10 @@ def test_wire_roundtrip_rebuild_equals_direct(base, demo_ft, small_adapter):
     with torch.inference_mode():
         z = small_adapter.encoder.dequantize(small_adapter.encoder.encode(cap))
         k2, v2 = small_adapter.decoder.rebuild(demo_ft.model, z)
-    assert torch.equal(k, k2) and torch.equal(v, v2)
+    # Serving folds dequantization and the consumer's k/v projections into the decoder (fold.py):
+    # the same maps composed in float64, so only fp32 rounding separates it from the trainable form.
+    scale = k2.abs().max()
+    assert (k - k2).abs().max() < 1e-4 * scale and (v - v2).abs().max() < 1e-4 * v2.abs().max()
     with pytest.raises(wire.WireError):
         rebuild_kv(small_adapter, demo_ft.model, [blobs[0][:-5]] + blobs[1:])
 

@@ -139,6 +139,15 @@ class ProducerEncoder:
             self._level_cache = (step, (0.5 - half) * step)
         return self._level_cache
 
+    def levels(self) -> dict[Slot, tuple[torch.Tensor, torch.Tensor]]:
+        """Per slot (scale [r], offset [r]) with dequantize(q) == q * scale + offset."""
+        scale, offset = self._levels()
+        out, off = {}, 0
+        for s, e in self.slots.items():
+            out[s] = (scale[off : off + e.rank], offset[off : off + e.rank])
+            off += e.rank
+        return out
+
     def widths_array(self) -> np.ndarray:
         """Widths of all components in slot order: the layout of one token's codes on the wire."""
         return np.concatenate([e.widths.numpy() for e in self.slots.values()]).astype(np.int64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from sgl_scd import rope
 from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot
+from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.models import LoadedModel
 
 CODEC_VERSION = 1
@@ -58,9 +59,18 @@ class Adapter:
     encoder: ProducerEncoder
     decoder: ConsumerDecoder
 
+    _folded: tuple | None = field(default=None, repr=False)  # (consumer model, FoldedDecoder)
+
     @property
     def codec_digest(self) -> bytes:
         return bytes.fromhex(self.manifest["codec"]["revision"])[:16]
+
+    def rebuild(self, consumer_model, codes: dict[Slot, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving path: the consumer's K/V [L, T, H, D] from integer codes, through the decoder
+        folded with this consumer's projections (built once per consumer model)."""
+        if self._folded is None or self._folded[0] is not consumer_model:
+            self._folded = (consumer_model, FoldedDecoder(self.decoder, self.encoder, consumer_model))
+        return self._folded[1].rebuild(codes)
 
 
 def save_adapter(out: Path, manifest: dict, encoder: ProducerEncoder, decoder: ConsumerDecoder) -> None:

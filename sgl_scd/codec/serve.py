@@ -25,8 +25,7 @@ def rebuild_kv(adapter: Adapter, consumer_model, blobs: list[bytes], page_size: 
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Consumer side: K/V [L, T, H, D] from page blobs (WireError on a bad page)."""
     ps = page_size or adapter.manifest["codec"]["page_size"]
-    codes = wire.decode_pages(adapter.encoder, blobs, adapter.codec_digest, ps)
-    return adapter.decoder.rebuild(consumer_model, adapter.encoder.dequantize(codes))
+    return adapter.rebuild(consumer_model, wire.decode_pages(adapter.encoder, blobs, adapter.codec_digest, ps))
 
 
 def scd_method(adapter: Adapter):
