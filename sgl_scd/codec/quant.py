@@ -115,8 +115,11 @@ def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> 
         n = num_tokens * int(cols.sum()) * b
         nbytes = (n + 7) // 8
         bits = np.unpackbits(buf[:, off : off + nbytes], axis=1, bitorder="little")[:, :n]
-        bits = bits.reshape(len(payloads), num_tokens, int(cols.sum()), b).astype(np.uint32)
-        out[:, :, cols] = (bits << np.arange(b, dtype=np.uint32)).sum(-1).astype(np.int32)
+        bits = bits.reshape(len(payloads), num_tokens, int(cols.sum()), b)
+        vals = bits[..., 0].copy()  # uint8 throughout: b <= 8
+        for j in range(1, b):
+            vals |= bits[..., j] << j
+        out[:, :, cols] = vals
         off += nbytes
     return out.reshape(len(payloads) * num_tokens, len(widths))
 
