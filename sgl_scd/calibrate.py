@@ -150,7 +150,10 @@ def builtin_long_prompts(tok, n_train: int, n_dev: int) -> tuple[list[data.QAIte
     joined stories, so the decoders see the positions long prompts reach."""
     if n_train + n_dev == 0:
         return [], []
-    first_q = list({it.context: it for it in reversed(data.load_hitom("calib"))}.values())[::-1]
+    by_story: dict[str, data.QAItem] = {}  # story -> its first question, longest stories first
+    for it in data.load_hitom("calib"):
+        by_story.setdefault(it.context, it)
+    first_q = list(by_story.values())
     joined = data.load_long_context(tok, split="calib")
     dev_stories = first_q[::5]
     train_stories = [it for i, it in enumerate(first_q) if i % 5]
@@ -192,7 +195,9 @@ def calibrate(args) -> Path:
     kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
     bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
             "h": round(args.bits_per_dim * kv_dim * 2)}  # an h slot costs what a k+v pair costs
-    enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge)
+    kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
+    enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge,
+                                kinds=kinds)  # reuse-only adapters need no h encoders
     ident = mf.model_identity(consumer)
     hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
     if args.patch_layers is not None:

@@ -124,10 +124,13 @@ class ProducerEncoder:
             return {s: self.slots[s].dequantize(q) for s, q in codes.items()}
         flat = torch.cat([codes[s] for s in self.slots], 1).float()  # [T, C]
         scale, offset = self._levels()
-        z = flat * scale + offset  # (q - 2^(b-1) + 0.5) * step
+        return self.split(flat * scale + offset)  # (q - 2^(b-1) + 0.5) * step
+
+    def split(self, flat: torch.Tensor) -> dict[Slot, torch.Tensor]:
+        """Per-slot views of [..., C] columns laid out in slot order (the wire's token layout)."""
         out, off = {}, 0
         for s, e in self.slots.items():
-            out[s] = z[:, off : off + e.rank]
+            out[s] = flat[..., off : off + e.rank]
             off += e.rank
         return out
 
@@ -141,12 +144,8 @@ class ProducerEncoder:
 
     def levels(self) -> dict[Slot, tuple[torch.Tensor, torch.Tensor]]:
         """Per slot (scale [r], offset [r]) with dequantize(q) == q * scale + offset."""
-        scale, offset = self._levels()
-        out, off = {}, 0
-        for s, e in self.slots.items():
-            out[s] = (scale[off : off + e.rank], offset[off : off + e.rank])
-            off += e.rank
-        return out
+        scale, offset = (self.split(x) for x in self._levels())
+        return {s: (scale[s], offset[s]) for s in self.slots}
 
     def widths_array(self) -> np.ndarray:
         """Widths of all components in slot order: the layout of one token's codes on the wire."""

@@ -90,19 +90,11 @@ def _check_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page
     return n, blob[_HEADER.size : _HEADER.size + plen]
 
 
-def _split(encoder: ProducerEncoder, flat: torch.Tensor) -> dict[Slot, torch.Tensor]:
-    out, off = {}, 0
-    for s, e in encoder.slots.items():
-        out[s] = flat[:, off : off + e.rank]
-        off += e.rank
-    return out
-
-
 def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page_index: int,
                 page_size: int) -> dict[Slot, torch.Tensor]:
     """Codes {slot: int32 [n, r]} of one page; WireError if anything does not match."""
     n, payload = _check_page(encoder, blob, codec_digest, page_index, page_size)
-    return _split(encoder, torch.from_numpy(quant.unpack_bits(payload, n, encoder.widths_array())))
+    return encoder.split(torch.from_numpy(quant.unpack_bits(payload, n, encoder.widths_array())))
 
 
 def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: bytes,
@@ -119,7 +111,7 @@ def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: byt
     parts = [quant.unpack_pages(full, page_size, widths)] if full else []
     if checked[-1][0] != page_size:
         parts.append(quant.unpack_bits(checked[-1][1], checked[-1][0], widths))
-    return _split(encoder, torch.from_numpy(np.concatenate(parts)))
+    return encoder.split(torch.from_numpy(np.concatenate(parts)))
 
 
 def payload_bytes_per_token(encoder: ProducerEncoder, page_size: int) -> float:
