@@ -2,7 +2,8 @@
 """Quality vs time-to-first-token of cross-model KV reuse, every method in one run.
 
 Methods: oracle (consumer prefill), raw_kv, kivi4, droidspeak, scd_reuse (SCD without patches,
-producer side = K/V pages only, what SGLang always exposes), scd (with patch layers).
+producer side = K/V pages only, what SGLang always exposes), scd (with patch layers), scd_tailN
+(scd, the last N prompt tokens prefilled by the consumer).
 TTFT(bw) = payload / bandwidth + measured rebuild + measured suffix forward (oracle: its prefill).
 One JSON line per (dataset, method) to --json, plus a PNG of the quality-TTFT frontier.
 
@@ -94,7 +95,7 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
     fig, axes = plt.subplots(len(names), len(bandwidths), figsize=(3.2 * len(bandwidths), 3.0 * len(names)),
                              squeeze=False)
     colors = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
-              "scd_reuse": "tab:cyan", "scd": "tab:blue"}
+              "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_tail16": "navy"}
     for i, name in enumerate(names):
         for j, bw in enumerate(bandwidths):
             ax = axes[i][j]
@@ -127,6 +128,9 @@ def main(argv=None) -> None:
     p.add_argument("--consumer", default="demo-ft")
     p.add_argument("--adapter", help="SCD adapter dir (default adapters/<consumer>)")
     p.add_argument("--reuse-adapter", help="SCD reuse-only adapter (default adapters/<consumer>-reuse)")
+    p.add_argument("--scd-tail", default="16",
+                   help="also run SCD prefilling the last N prompt tokens (method scd_tailN; comma-separated "
+                        "N, empty for none; default 16 = one store page, what the serving engine prefills at most)")
     p.add_argument("--droidspeak-width", type=int, default=6, help="recomputed contiguous layers")
     p.add_argument("--n-profile", type=int, default=24, help="dev prompts for DroidSpeak's window profiling")
     p.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS)), help="Gbps, comma-separated")
@@ -150,12 +154,17 @@ def main(argv=None) -> None:
     log(f"DroidSpeak window: layers {start}..{start + args.droidspeak_width - 1} "
         f"(dev KL {scores[0][1]:.4f}; worst window {scores[-1][1]:.4f})")
     methods["droidspeak"] = baselines.droidspeak_method(start, args.droidspeak_width)
+    tails = [int(x) for x in args.scd_tail.split(",") if x.strip()]
     for key, path in (("scd_reuse", args.reuse_adapter or ADAPTERS_DIR / f"{args.consumer}-reuse"),
                       ("scd", args.adapter or ADAPTERS_DIR / args.consumer)):
         try:
-            methods[key] = scd_method(load_adapter(Path(path), producer, consumer))
+            adapter = load_adapter(Path(path), producer, consumer)
         except FileNotFoundError as e:
             log(f"skipping {key}: {e}")
+            continue
+        methods[key] = scd_method(adapter)
+        if key == "scd":
+            methods.update({f"scd_tail{t}": scd_method(adapter, tail=t) for t in tails})
     sets = {"tomi": data.load_tomi("test")[: args.n], "hitom": data.load_hitom()[: args.n_hitom],
             "long1k": data.load_long_context(consumer.tokenizer)[: args.n_long]}
     config = {"producer": args.producer, "consumer": args.consumer, "bandwidths_gbps": bws,

@@ -280,7 +280,9 @@ def main(argv=None) -> None:
     p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
     p.add_argument("--hidden-kv", type=int, default=0, help="residual MLP width of K/V decoders (default 0)")
     p.add_argument("--hidden-h", type=int, default=256, help="residual MLP width of patch predictors")
-    p.add_argument("--positions", type=int, default=24, help="supervised positions per prompt (default 24)")
+    p.add_argument("--positions", type=int, default=48,
+                   help="supervised positions per prompt (default 48; the LM head on more positions is cheap "
+                        "next to the forward, and more supervision per prompt generalizes better)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")

@@ -26,6 +26,16 @@ def test_scd_kl_far_below_raw_kv(base, demo_ft, small_adapter):
     assert rows["scd"]["top1"] > rows["raw_kv"]["top1"]
 
 
+def test_scd_tail_prefills_the_last_tokens(base, demo_ft, small_adapter):
+    item = data.load_tomi("test")[0]
+    p = evaluate.PairItem(base, demo_ft, item, data.prompt_ids(base.tokenizer, item))
+    out = scd_method(small_adapter, tail=16)(p)
+    assert out.timings["tokens"] == len(p.ids) - 16  # rebuilt from codes; the rest prefilled
+    assert scd_method(small_adapter)(p).timings["tokens"] == len(p.ids) - 1
+    with pytest.raises(ValueError, match="-1"):
+        scd_method(small_adapter, tail=-1)
+
+
 def test_manifest_contract(base, demo_ft, demo_lora, small_adapter, tmp_path):
     man = small_adapter.manifest
     assert man["producer"]["revision"] == base.revision and man["consumer"]["revision"] == demo_ft.revision

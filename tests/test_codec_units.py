@@ -133,3 +133,13 @@ def test_unpack_pages_equals_page_by_page():
              for _ in range(4)]
     blobs = [quant.pack_bits(q, widths) for q in pages]
     assert np.array_equal(quant.unpack_pages(blobs, 16, widths), np.concatenate(pages))
+
+
+def test_position_weights_keep_the_last_share():
+    from sgl_scd.codec.distill import position_weights
+
+    for p in (2, 24, 48):
+        w = position_weights(p)
+        assert abs(float(w.sum()) - 1) < 1e-6 and abs(float(w[-1]) - 0.15) < 1e-6
+        assert torch.allclose(w[:-1], torch.full((p - 1,), 0.85 / (p - 1)))
+    assert position_weights(1).tolist() == [1.0]

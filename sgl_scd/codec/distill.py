@@ -2,10 +2,10 @@
 
 For each calibration prompt, the decoder rebuilds the consumer's K/V for every prompt token;
 the consumer runs the prompt attending to the rebuilt K/V at every layer
-(runtime.forward_with_kv), and the loss is KL(p_oracle || p) at ~24 sampled positions (the
-last one weighted 4x), where p_oracle is the consumer's own prefill. Supervising many
-positions, not only the few chat-template tokens at the end, is what keeps 200 prompts from
-overfitting. Only the decoder learns; the codes are the exact quantized codes served later.
+(runtime.forward_with_kv), and the loss is KL(p_oracle || p) at sampled positions (48 by
+default; the last one keeps 15% of the weight), where p_oracle is the consumer's own prefill.
+Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
+few hundred prompts from overfitting. Only the decoder learns; the codes are the exact quantized codes served later.
 Model selection uses the exact serving path (last_token_kl) on held-out prompts.
 """
 
@@ -30,10 +30,14 @@ class DistillSample:
     oracle_logp: torch.Tensor  # [P, V] the consumer's own log-probs there (fp16 to save memory)
 
 
-def position_weights(p: int, last_weight: float = 4.0) -> torch.Tensor:
-    w = torch.ones(p)
-    w[-1] = last_weight  # the first answer token matters most
-    return w / w.sum()
+def position_weights(p: int, last_share: float = 0.15) -> torch.Tensor:
+    """Weights summing to 1: the first answer token (last position) keeps last_share whatever the
+    number of sampled positions (it matters most); the others share the rest equally."""
+    if p == 1:
+        return torch.ones(1)
+    w = torch.full((p,), (1.0 - last_share) / (p - 1))
+    w[-1] = last_share
+    return w
 
 
 def train_loss(consumer_model, decoder: ConsumerDecoder, s: DistillSample) -> torch.Tensor:

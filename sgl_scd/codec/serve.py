@@ -13,11 +13,13 @@ from sgl_scd.codec.manifest import Adapter
 
 
 def encode_prompt(adapter: Adapter, cap: runtime.PrefillCapture, page_size: int | None = None,
-                  full_pages_only: bool = False) -> list[bytes]:
-    """Producer side: page blobs for a capture's tokens."""
+                  full_pages_only: bool = False, tokens: int | None = None) -> list[bytes]:
+    """Producer side: page blobs for a capture's tokens (only the first `tokens` if given)."""
     ps = page_size or adapter.manifest["codec"]["page_size"]
-    return wire.encode_pages(adapter.encoder, adapter.encoder.encode(cap), adapter.codec_digest, ps,
-                             full_pages_only=full_pages_only)
+    codes = adapter.encoder.encode(cap)
+    if tokens is not None:
+        codes = {s: q[:tokens] for s, q in codes.items()}
+    return wire.encode_pages(adapter.encoder, codes, adapter.codec_digest, ps, full_pages_only=full_pages_only)
 
 
 @torch.inference_mode()
@@ -28,11 +30,17 @@ def rebuild_kv(adapter: Adapter, consumer_model, blobs: list[bytes], page_size: 
     return adapter.rebuild(consumer_model, wire.decode_pages(adapter.encoder, blobs, adapter.codec_digest, ps))
 
 
-def scd_method(adapter: Adapter):
-    """An evaluate.Method: producer codes over the wire -> consumer rebuild -> continue."""
+def scd_method(adapter: Adapter, tail: int = 0):
+    """An evaluate.Method: producer codes over the wire -> consumer rebuild -> continue.
+
+    tail > 0 rebuilds all but the last `tail` prompt tokens from codes and prefills those (at
+    least the last token is always prefilled): quality bought with a longer suffix forward."""
+    if tail < 0:
+        raise ValueError(f"tail must be >= 0 prompt tokens, got {tail}")
 
     def run(p) -> runtime.Continuation:
-        blobs = encode_prompt(adapter, p.producer_capture)
+        keep = max(1, len(p.ids) - max(tail, 1))
+        blobs = encode_prompt(adapter, p.producer_capture, tokens=keep)
         t0 = time.perf_counter()
         k, v = rebuild_kv(adapter, p.consumer.model, blobs)
         rebuild_s = time.perf_counter() - t0
