@@ -1,0 +1,42 @@
+"""scripts/bench_pareto.py's frontier and scripts/pareto_table.py's table, on hand-made rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def row(method: str, kl: float, ttft: float, f1: float = 0.5) -> dict:
+    return {"dataset": "tomi", "method": method, "n": 4, "f1": f1, "kl": kl, "top1": 0.5, "same_answer": 0.5,
+            "payload_ratio": 0.2, "compute_ratio_vs_prefill": 0.3, "rebuild_s": 0.01,
+            "ttft_s": {"1": ttft, "200": ttft}}
+
+
+def test_frontier_drops_only_dominated_methods():
+    rows = [row("oracle", 0.0, 1.0), row("fast", 0.5, 0.1), row("slow_bad", 0.6, 0.2), row("tie", 0.5, 0.1)]
+    front = load_script("bench_pareto").pareto(rows, 200)
+    assert front == {"oracle", "fast", "tie"}  # slow_bad is slower and worse than fast; ties dominate nothing
+
+
+def test_table_renders_every_row(tmp_path):
+    rows = [row("oracle", 0.0, 1.0, f1=0.8), row("scd", 0.1, 0.1, f1=0.76)]
+    for r in rows:
+        r["on_pareto"] = {"1": True, "200": True}
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "pareto_table.py"), str(path), "--bandwidths", "200"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 4 and "TTFT@200" in out[0]
+    assert "| tomi | scd | 4 | 0.760 | 0.95 | 0.100 |" in out[3]  # F1 / oracle F1 = 0.76 / 0.8
