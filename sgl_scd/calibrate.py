@@ -216,7 +216,8 @@ def calibrate(args) -> Path:
                 del c.producer[s], c.consumer[s]
     train_s, dev_s = distill_samples(enc, train), distill_samples(enc, dev)
     del train, dev
-    result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr, log=log)
+    result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
+                             delta_rank=args.delta_rank, log=log)
     dec.eval().requires_grad_(False)
     revision = mf.encoder_revision(enc)
     raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
@@ -238,6 +239,7 @@ def calibrate(args) -> Path:
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
+                        "delta_rank": args.delta_rank,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
     }
     out = Path(args.out or ADAPTERS_DIR / args.name)
@@ -284,6 +286,9 @@ def main(argv=None) -> None:
                    help="supervised positions per prompt (default 48; the LM head on more positions is cheap "
                         "next to the forward, and more supervision per prompt generalizes better)")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--delta-rank", type=int, default=0,
+                   help="distill only a rank-N correction of each closed-form affine decoder map (default 0: "
+                        "train the whole map)")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
@@ -295,6 +300,8 @@ def main(argv=None) -> None:
     args.name = args.name or Path(args.consumer).name
     if args.bits_per_dim <= 0:
         p.error(f"--bits-per-dim must be > 0, got {args.bits_per_dim}")
+    if args.delta_rank < 0:
+        p.error(f"--delta-rank must be >= 0, got {args.delta_rank}")
     if args.patch_count < 0:
         p.error(f"--patch-count must be >= 0, got {args.patch_count}")
     if args.patch_layers is not None and not all(x.strip().isdigit() for x in args.patch_layers.split(",") if x.strip()):

@@ -143,3 +143,19 @@ def test_position_weights_keep_the_last_share():
         assert abs(float(w.sum()) - 1) < 1e-6 and abs(float(w[-1]) - 0.15) < 1e-6
         assert torch.allclose(w[:-1], torch.full((p - 1,), 0.85 / (p - 1)))
     assert position_weights(1).tolist() == [1.0]
+
+
+def test_low_rank_delta_merges_into_the_plain_form():
+    from sgl_scd.codec.codec import Translator
+
+    t = Translator(8, 12, hidden=4)
+    t.start_low_rank(2, torch.Generator().manual_seed(0))
+    params = {n for n, p in t.named_parameters() if p.requires_grad}
+    assert "lin.weight" not in params and {"delta_a", "delta_b", "lin.bias"} <= params
+    with torch.no_grad():
+        t.delta_b.normal_()
+    z = torch.randn(5, 8)
+    before = t(z)
+    t.merge_low_rank()
+    assert torch.allclose(t(z), before, atol=1e-5)
+    assert set(t.state_dict()) == set(Translator(8, 12, hidden=4).state_dict())  # saved format unchanged

@@ -179,12 +179,17 @@ def fit_slot_encoder(x: torch.Tensor, budget_bits: int) -> SlotEncoder:
 
 class Translator(nn.Module):
     """z [T, r] -> x [T, d]: affine map plus an optional residual MLP (its output layer starts at 0,
-    so a closed-form affine start is preserved exactly)."""
+    so a closed-form affine start is preserved exactly).
+
+    For distillation the affine weight can be frozen at its closed-form start and corrected by a
+    trainable low-rank delta B @ A (start_low_rank); merge_low_rank folds it back, so saved
+    adapters always hold the plain form."""
 
     def __init__(self, r: int, d: int, hidden: int = 0):
         super().__init__()
         self.lin = nn.Linear(r, d)
         self.hidden = hidden
+        self.delta_a = self.delta_b = None
         if hidden:
             self.up = nn.Linear(r, hidden)
             self.down = nn.Linear(hidden, d)
@@ -193,9 +198,27 @@ class Translator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         y = self.lin(z)
+        if self.delta_a is not None:
+            y = y + (z @ self.delta_a.T) @ self.delta_b.T
         if self.hidden:
             y = y + self.down(nn.functional.gelu(self.up(z)))
         return y
+
+    def start_low_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Freeze the affine weight; train a rank-`rank` correction (starting at 0) and the bias."""
+        d, r = self.lin.weight.shape
+        self.lin.weight.requires_grad_(False)
+        a = torch.randn(rank, r, generator=generator) / r ** 0.5
+        self.delta_a = nn.Parameter(a)
+        self.delta_b = nn.Parameter(torch.zeros(d, rank))
+
+    def merge_low_rank(self) -> None:
+        if self.delta_a is None:
+            return
+        with torch.no_grad():
+            self.lin.weight += self.delta_b @ self.delta_a
+        self.delta_a = self.delta_b = None
+        self.lin.weight.requires_grad_(True)
 
     def set_affine(self, w: torch.Tensor, b: torch.Tensor) -> None:  # w [r, d], b [d]
         with torch.no_grad():

@@ -66,9 +66,17 @@ def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[Distil
 
 
 def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample], dev: list[DistillSample],
-            *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, log=print) -> dict:
-    """Train decoder in place; keeps the parameters of the epoch with the best dev KL."""
+            *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, delta_rank: int = 0,
+            log=print) -> dict:
+    """Train decoder in place; keeps the parameters of the epoch with the best dev KL.
+
+    delta_rank > 0 trains only a rank-delta_rank correction of each affine map (plus biases and
+    the patch MLPs) instead of the whole map: far fewer parameters for the same data."""
     g = torch.Generator().manual_seed(seed)
+    translators = list(decoder.translators.values())
+    if delta_rank > 0:
+        for t in translators:
+            t.start_low_rank(delta_rank, g)
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     steps = epochs * math.ceil(len(train) / batch)
@@ -99,4 +107,6 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
             best = {"epoch": epoch, "dev_kl": dev_kl}
             best_state = {k: v.clone() for k, v in decoder.state_dict().items()}
     decoder.load_state_dict(best_state)
+    for t in translators:
+        t.merge_low_rank()
     return {**best, "history": history}
