@@ -128,9 +128,9 @@ def main(argv=None) -> None:
     p.add_argument("--consumer", default="demo-ft")
     p.add_argument("--adapter", help="SCD adapter dir (default adapters/<consumer>)")
     p.add_argument("--reuse-adapter", help="SCD reuse-only adapter (default adapters/<consumer>-reuse)")
-    p.add_argument("--scd-tail", default="16",
-                   help="also run SCD prefilling the last N prompt tokens (method scd_tailN; comma-separated "
-                        "N, empty for none; default 16 = one store page, what the serving engine prefills at most)")
+    p.add_argument("--scd-tail", default="",
+                   help="also run SCD prefilling the last N prompt tokens (method scd_tailN; comma-separated N, "
+                        "e.g. 16 = one store page, the most the serving engine prefills; default none)")
     p.add_argument("--droidspeak-width", type=int, default=6, help="recomputed contiguous layers")
     p.add_argument("--n-profile", type=int, default=24, help="dev prompts for DroidSpeak's window profiling")
     p.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS)), help="Gbps, comma-separated")
