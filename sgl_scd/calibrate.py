@@ -282,9 +282,9 @@ def main(argv=None) -> None:
     p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
     p.add_argument("--hidden-kv", type=int, default=0, help="residual MLP width of K/V decoders (default 0)")
     p.add_argument("--hidden-h", type=int, default=256, help="residual MLP width of patch predictors")
-    p.add_argument("--positions", type=int, default=48,
-                   help="supervised positions per prompt (default 48; the LM head on more positions is cheap "
-                        "next to the forward, and more supervision per prompt generalizes better)")
+    p.add_argument("--positions", type=int, default=24,
+                   help="supervised positions per prompt (default 24; more cost little, the LM head is cheap "
+                        "next to the forward)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--delta-rank", type=int, default=0,
                    help="distill only a rank-N correction of each closed-form affine decoder map (default 0: "

@@ -2,10 +2,11 @@
 
 For each calibration prompt, the decoder rebuilds the consumer's K/V for every prompt token;
 the consumer runs the prompt attending to the rebuilt K/V at every layer
-(runtime.forward_with_kv), and the loss is KL(p_oracle || p) at sampled positions (48 by
+(runtime.forward_with_kv), and the loss is KL(p_oracle || p) at sampled positions (24 by
 default; the last one keeps 15% of the weight), where p_oracle is the consumer's own prefill.
 Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
-few hundred prompts from overfitting. Only the decoder learns; the codes are the exact quantized codes served later.
+few hundred prompts from overfitting. Only the decoder learns; the codes are the exact
+quantized codes served later.
 Model selection uses the exact serving path (last_token_kl) on held-out prompts.
 """
 
