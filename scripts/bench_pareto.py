@@ -95,7 +95,7 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
     fig, axes = plt.subplots(len(names), len(bandwidths), figsize=(3.2 * len(bandwidths), 3.0 * len(names)),
                              squeeze=False)
     colors = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
-              "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_tail16": "navy"}
+              "scd_reuse": "tab:cyan", "scd": "tab:blue"}
     for i, name in enumerate(names):
         for j, bw in enumerate(bandwidths):
             ax = axes[i][j]
@@ -104,7 +104,7 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
             ax.plot([r["ttft_s"][str(bw)] * 1e3 for r in front], [r["kl"] + 1e-3 for r in front], "--",
                     color="0.6", zorder=1)
             for r in rows:
-                ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=colors.get(r["method"], "g"),
+                ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=colors.get(r["method"], "navy" if r["method"].startswith("scd_tail") else "g"),
                            label=r["method"], zorder=2, s=40)
             ax.set_yscale("log")
             ax.set_title(f"{name} @ {bw} Gbps", fontsize=9)

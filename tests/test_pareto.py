@@ -6,9 +6,8 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from store_fixtures import REPO
 
 
 def load_script(name: str):
