@@ -125,13 +125,13 @@ def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[disti
 
 
 def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
-    """Dev-KL gain of patching each single layer (closed-form decoders), best first."""
+    """Dev-KL gain (distill.dev_score) of patching each single layer (closed-form decoders), best first."""
     e0, dec0 = decoder_for(enc_all, affine, [], hidden, ident)
-    base_kl = distill.last_token_kl(consumer.model, dec0, distill_samples(e0, dev))
+    base_kl = distill.dev_score(consumer.model, dec0, distill_samples(e0, dev))[0]
     gains = []
     for layer in tqdm(range(ident["num_layers"]), desc="rank patch layers", file=sys.stderr):
         enc, dec = decoder_for(enc_all, affine, [layer], hidden, ident)
-        gains.append((layer, base_kl - distill.last_token_kl(consumer.model, dec, distill_samples(enc, dev))))
+        gains.append((layer, base_kl - distill.dev_score(consumer.model, dec, distill_samples(enc, dev))[0]))
     log(f"reuse-only closed-form dev KL {base_kl:.4f}; best single patches: "
         + ", ".join(f"L{l}:{g:+.4f}" for l, g in sorted(gains, key=lambda x: -x[1])[:8]))
     return sorted(gains, key=lambda x: -x[1])

@@ -145,6 +145,18 @@ def test_position_weights_keep_the_last_share():
     assert position_weights(1).tolist() == [1.0]
 
 
+def test_length_groups_split_short_and_long_prompts():
+    from sgl_scd.codec.distill import LONG_PROMPT_TOKENS, DistillSample, length_groups
+
+    def sample(n):
+        return DistillSample(list(range(n)), {}, [n - 1], torch.zeros(1, 4))
+
+    groups = length_groups([sample(80), sample(LONG_PROMPT_TOKENS), sample(120), sample(900)])
+    assert {k: [len(s.ids) for s in v] for k, v in groups.items()} == {
+        "long": [LONG_PROMPT_TOKENS, 900], "short": [80, 120]}
+    assert list(length_groups([sample(80)])) == ["short"]  # no empty group to average in
+
+
 def test_low_rank_delta_merges_into_the_plain_form():
     from sgl_scd.codec.codec import Translator
 

@@ -7,7 +7,9 @@ default; the last one keeps 15% of the weight), where p_oracle is the consumer's
 Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
 few hundred prompts from overfitting. Only the decoder learns; the codes are the exact
 quantized codes served later.
-Model selection uses the exact serving path (last_token_kl) on held-out prompts.
+Model selection uses the exact serving path (last_token_kl) on held-out prompts, scored per
+length group (dev_score): a pooled mean over ~100-token and ~1k-token prompts lets one group hide
+the other's regression.
 """
 
 from __future__ import annotations
@@ -66,10 +68,32 @@ def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[Distil
     return total / max(1, len(samples))
 
 
+LONG_PROMPT_TOKENS = 256  # ToMi prompts are ~70-150 tokens, the long calibration prompts 500-1,200
+
+
+def length_groups(samples: list[DistillSample]) -> dict[str, list[DistillSample]]:
+    """Samples split into "long" (>= LONG_PROMPT_TOKENS) and "short"; empty groups left out."""
+    groups: dict[str, list[DistillSample]] = {}
+    for s in samples:
+        groups.setdefault("long" if len(s.ids) >= LONG_PROMPT_TOKENS else "short", []).append(s)
+    return dict(sorted(groups.items()))
+
+
+def dev_score(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample]) -> tuple[float, dict]:
+    """Selection score: the mean over length groups of each group's mean last-token KL, so both
+    groups count equally whatever their sizes; and the per-group KLs."""
+    by_group = {name: last_token_kl(consumer_model, decoder, ss) for name, ss in length_groups(samples).items()}
+    return sum(by_group.values()) / max(1, len(by_group)), by_group
+
+
+def _fmt(by_group: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in by_group.items())
+
+
 def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample], dev: list[DistillSample],
             *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, delta_rank: int = 0,
             log=print) -> dict:
-    """Train decoder in place; keeps the parameters of the epoch with the best dev KL.
+    """Train decoder in place; keeps the parameters of the epoch with the best dev_score.
 
     delta_rank > 0 trains only a rank-delta_rank correction of each affine map (plus biases and
     the patch MLPs) instead of the whole map: far fewer parameters for the same data."""
@@ -82,10 +106,11 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
     opt = torch.optim.Adam(params, lr=lr)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    best = {"epoch": 0, "dev_kl": last_token_kl(consumer_model, decoder, dev)}
+    score, by_group = dev_score(consumer_model, decoder, dev)
+    best = {"epoch": 0, "dev_kl": score, "dev_kl_by_group": by_group}
     best_state = {k: v.clone() for k, v in decoder.state_dict().items()}
-    history = [best["dev_kl"]]
-    log(f"distill: closed-form start, dev KL {best['dev_kl']:.4f}")
+    history = [by_group]
+    log(f"distill: closed-form start, dev KL {score:.4f} ({_fmt(by_group)})")
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=g).tolist()
         decoder.train()
@@ -101,11 +126,11 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
             opt.step()
             sched.step()
         decoder.eval()
-        dev_kl = last_token_kl(consumer_model, decoder, dev)
-        history.append(dev_kl)
-        log(f"distill: epoch {epoch} train loss {running / len(train):.4f} dev KL {dev_kl:.4f}")
-        if dev_kl < best["dev_kl"]:
-            best = {"epoch": epoch, "dev_kl": dev_kl}
+        score, by_group = dev_score(consumer_model, decoder, dev)
+        history.append(by_group)
+        log(f"distill: epoch {epoch} train loss {running / len(train):.4f} dev KL {score:.4f} ({_fmt(by_group)})")
+        if score < best["dev_kl"]:
+            best = {"epoch": epoch, "dev_kl": score, "dev_kl_by_group": by_group}
             best_state = {k: v.clone() for k, v in decoder.state_dict().items()}
     decoder.load_state_dict(best_state)
     for t in translators:
