@@ -6,9 +6,11 @@
 Steps (each shows progress):
   1. capture both models' prefill on the calibration prompts (train) and held-out prompts (dev);
   2. fit producer encoders per slot (PCA of de-rotated K, V and normalized inputs, bits spread
-     by water-filling under --bits-per-dim) and closed-form (ridge) consumer decoders;
+     by water-filling under --bits-per-dim) and closed-form (ridge) consumer decoders, on at most
+     --n-fit of the calibration prompts (memory: every slot of both models is kept for those);
   3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
-  4. distill the decoders end to end on KL to the consumer's own prefill;
+  4. distill the decoders end to end on KL to the consumer's own prefill, on every calibration
+     prompt (the rest are captured now, keeping only their codes and the oracle's log-probs);
   5. measure held-out KL / top-1 / F1 and write adapters/<name>/ (manifest + safetensors).
 The quality budget (--budget-kl) is the expected next-token KL vs the oracle on held-out
 prompts; the manifest records whether the result meets it.
@@ -84,6 +86,15 @@ def prompts_from_file(path: Path, tokenizer) -> list[tuple[list[int], data.QAIte
         else:
             raise ValueError(f"{path}:{i + 1}: a line needs 'messages', 'prompt' or 'context'+'question'")
     return out
+
+
+def fit_subset(n: int, n_fit: int) -> list[int]:
+    """n_fit indices spread evenly over range(n) (all of them when n <= n_fit), so the
+    closed-form fit sees every part of the calibration set (the built-in one ends with its long
+    prompts)."""
+    if n <= n_fit:
+        return list(range(n))
+    return sorted({i * n // n_fit for i in range(n_fit)})
 
 
 def _fit_pca_encoder(x: torch.Tensor, _y: torch.Tensor, budget_bits: int):
@@ -189,8 +200,11 @@ def calibrate(args) -> Path:
     log(f"{len(train_rows)} calibration ({min(lengths)}-{max(lengths)} tokens) + {len(dev_rows)} held-out "
         f"prompts from {source}")
     rng = random.Random(args.seed)
-    train = [capture_pair(producer, consumer, ids, args.positions, rng)
-             for ids, _ in tqdm(train_rows, desc="capture train", file=sys.stderr)]
+    fit_idx = fit_subset(len(train_rows), args.n_fit)
+    fit_set = set(fit_idx)
+    rest_rows = [r for i, r in enumerate(train_rows) if i not in fit_set]
+    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng)
+             for i in tqdm(fit_idx, desc="capture train", file=sys.stderr)]
     dev = [capture_pair(producer, consumer, ids, 1, rng) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
     kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
     bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
@@ -216,8 +230,10 @@ def calibrate(args) -> Path:
                 del c.producer[s], c.consumer[s]
     train_s, dev_s = distill_samples(enc, train), distill_samples(enc, dev)
     del train, dev
+    for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
+        train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng)])
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
-                             delta_rank=args.delta_rank, log=log)
+                             delta_rank=args.delta_rank, long_share=args.long_share, log=log)
     dec.eval().requires_grad_(False)
     revision = mf.encoder_revision(enc)
     raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
@@ -237,9 +253,10 @@ def calibrate(args) -> Path:
         "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
                    "kv": str(consumer.model.dtype).replace("torch.", "")},
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
+                        "n_fit": min(args.n_fit, len(lengths)),
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
-                        "delta_rank": args.delta_rank,
+                        "delta_rank": args.delta_rank, "long_share": args.long_share,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
     }
     out = Path(args.out or ADAPTERS_DIR / args.name)
@@ -270,6 +287,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="output directory (default adapters/<name>)")
     p.add_argument("--prompts", help="JSONL calibration prompts (default: the built-in ToMi demo set)")
     p.add_argument("--n-calib", type=int, default=192, help="calibration prompts (default 192)")
+    p.add_argument("--n-fit", type=int, default=544,
+                   help="calibration prompts the closed-form fit uses (default 544, ~11 GB of captures on "
+                        "the built-in set); distillation uses all")
     p.add_argument("--n-dev", type=int, default=48, help="held-out prompts for selection (default 48)")
     p.add_argument("--n-calib-long", type=int, default=32,
                    help="long (Hi-ToM, 200-1,200-token) calibration prompts added to the built-in set (default 32)")
@@ -290,6 +310,9 @@ def main(argv=None) -> None:
     p.add_argument("--delta-rank", type=int, default=0,
                    help="distill only a rank-N correction of each closed-form affine decoder map (default 0: "
                         "train the whole map)")
+    p.add_argument("--long-share", type=float, default=0.25,
+                   help="share of the distillation loss carried by long (>= 256-token) prompts, whatever "
+                        "their number (default 0.25; the built-in set has ~5%% long prompts)")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
@@ -301,6 +324,10 @@ def main(argv=None) -> None:
     args.name = args.name or Path(args.consumer).name
     if args.bits_per_dim <= 0:
         p.error(f"--bits-per-dim must be > 0, got {args.bits_per_dim}")
+    if not 0 < args.long_share < 1:
+        p.error(f"--long-share must be in (0, 1), got {args.long_share}")
+    if args.n_fit < 1:
+        p.error(f"--n-fit must be >= 1, got {args.n_fit}")
     if args.delta_rank < 0:
         p.error(f"--delta-rank must be >= 0, got {args.delta_rank}")
     if args.patch_count < 0:

@@ -152,27 +152,39 @@ def continue_from_kv(
 
 
 class _ReplacedKV(DynamicCache):
-    """A cache that hands every layer's attention the given K/V instead of its own."""
+    """A cache that hands every layer's attention the given K/V [L, B, T, H_kv, D] instead of its own."""
 
     def __init__(self, config, k: torch.Tensor, v: torch.Tensor):
         super().__init__(config=config)
         self._k, self._v = k, v
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self._k[layer_idx].transpose(0, 1)[None], self._v[layer_idx].transpose(0, 1)[None]
+        return self._k[layer_idx].transpose(1, 2), self._v[layer_idx].transpose(1, 2)  # [B, H, T, D]
 
 
-def forward_with_kv(model, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Logits [T, V] of a forward over ids in which every layer attends to the given K/V
-    [L, T, H_kv, D] (causally) instead of the K/V it computes itself. Differentiable in k, v.
+def logits_with_kv(model, ids: list[list[int]], k: list[torch.Tensor], v: list[torch.Tensor],
+                   positions: list[list[int]]) -> list[torch.Tensor]:
+    """Per prompt, logits [P, V] at the given positions of a forward over its ids in which every
+    layer attends to the given K/V [L, T, H_kv, D] (causally) instead of the K/V it computes
+    itself. Differentiable in k, v.
 
     Each position's prediction then depends on the given K/V of the positions up to it: this
     supervises a K/V rebuild at every prompt position in one pass (used by distillation).
+    Prompts run as one batch, right-padded: causal attention keeps the padding out of every real
+    position. The LM head runs only at the asked positions.
     """
-    if k.shape[1] != len(ids):
-        raise ValueError(f"K/V cover {k.shape[1]} tokens, ids have {len(ids)}")
-    cache = _ReplacedKV(model.config, k.to(model.dtype), v.to(model.dtype))
-    return model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0].float()
+    for i, (x, kk) in enumerate(zip(ids, k)):
+        if kk.shape[1] != len(x):
+            raise ValueError(f"prompt {i}: K/V cover {kk.shape[1]} tokens, ids have {len(x)}")
+    t = max(len(x) for x in ids)
+
+    def stack(xs):  # [L, B, T, H, D], zero-padded
+        return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t - x.shape[1])) for x in xs], 1).to(model.dtype)
+
+    cache = _ReplacedKV(model.config, stack(k), stack(v))
+    batch = torch.tensor([x + [0] * (t - len(x)) for x in ids])
+    hidden = model.model(input_ids=batch, past_key_values=cache, use_cache=True).last_hidden_state
+    return [model.lm_head(hidden[b, p]).float() for b, p in enumerate(positions)]
 
 
 def _stop_ids(tokenizer) -> set[int]:

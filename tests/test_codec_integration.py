@@ -41,6 +41,7 @@ def test_manifest_contract(base, demo_ft, demo_lora, small_adapter, tmp_path):
     assert man["producer"]["revision"] == base.revision and man["consumer"]["revision"] == demo_ft.revision
     assert man["codec"]["payload_ratio"] < 0.25
     assert len(man["codec"]["patch_layers"]) <= 2
+    assert (man["calibration"]["n_calib"], man["calibration"]["n_fit"]) == (24, 16)  # distilled on all 24
     path = tmp_path / "a"
     mf.save_adapter(path, man, small_adapter.encoder, small_adapter.decoder)
     with pytest.raises(mf.ManifestMismatch, match="consumer.revision"):

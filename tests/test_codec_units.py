@@ -157,6 +157,39 @@ def test_length_groups_split_short_and_long_prompts():
     assert list(length_groups([sample(80)])) == ["short"]  # no empty group to average in
 
 
+def test_group_weights_give_the_long_group_its_share():
+    from sgl_scd.codec.distill import DistillSample, group_weights
+
+    samples = [DistillSample(list(range(n)), {}, [n - 1], torch.zeros(1, 4)) for n in [90] * 18 + [700, 1100]]
+    w = group_weights(samples, 0.25)
+    assert abs(sum(w) / len(w) - 1) < 1e-9  # mean 1: the loss scale (and the learning rate) unchanged
+    assert abs(sum(w[18:]) / sum(w) - 0.25) < 1e-9 and len(set(w[:18])) == 1
+    assert group_weights(samples, None) == [1.0] * 20
+    assert group_weights(samples[:18], 0.25) == [1.0] * 18  # no long prompts: nothing to balance
+    with pytest.raises(ValueError, match="long_share must be in"):
+        group_weights(samples, 1.5)
+
+
+def test_micro_batches_pack_within_the_token_budget():
+    from sgl_scd.codec.distill import micro_batches
+
+    lengths = [90, 1100, 120, 80, 700, 100, 95, 130]
+    mbs = micro_batches(lengths, 1024)
+    assert sorted(i for mb in mbs for i in mb) == list(range(8))  # every prompt exactly once
+    for mb in mbs:  # padded size within budget, or a single prompt over it
+        assert len(mb) == 1 or max(lengths[i] for i in mb) * len(mb) <= 1024
+    assert [len(mb) for mb in mbs] == [1, 1, 6]  # the six short prompts share one forward
+
+
+def test_fit_subset_spreads_over_the_whole_set():
+    from sgl_scd.calibrate import fit_subset
+
+    assert fit_subset(10, 20) == list(range(10))
+    idx = fit_subset(1072, 544)
+    assert len(idx) == 544 and idx == sorted(set(idx)) and idx[0] == 0
+    assert sum(i >= 1024 for i in idx) >= 20  # the long prompts at the end are fitted too
+
+
 def test_low_rank_delta_merges_into_the_plain_form():
     from sgl_scd.codec.codec import Translator
 

@@ -59,3 +59,19 @@ def test_continue_refuses_kv_covering_the_whole_prompt(base, prompt):
 def test_build_cache_names_bad_shape(base):
     with pytest.raises(ValueError, match=r"L=30"):
         runtime.build_cache(base.model, torch.zeros(2, 3, 3, 64), torch.zeros(2, 3, 3, 64))
+
+
+def test_logits_with_kv_batched_equals_one_by_one(base, prompt):
+    """Right-padded batch == each prompt alone (causal attention keeps padding out), and its own
+    KV gives its own prefill's logits; 1e-4: fp32 with a different reduction order."""
+    short = prompt[:40]
+    caps = [runtime.capture_prefill(base.model, p, hidden=False, logits_at=pos)
+            for p, pos in ((prompt, [5, len(prompt) - 1]), (short, [39]))]
+    ids, pos = [prompt, short], [[5, len(prompt) - 1], [39]]
+    batched = runtime.logits_with_kv(base.model, ids, [c.k for c in caps], [c.v for c in caps], pos)
+    for i, c in enumerate(caps):
+        alone = runtime.logits_with_kv(base.model, ids[i:i + 1], [c.k], [c.v], pos[i:i + 1])[0]
+        assert (batched[i] - alone).abs().max().item() <= 1e-4
+        assert (batched[i] - c.sel_logits).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="prompt 1: K/V cover 39 tokens, ids have 40"):
+        runtime.logits_with_kv(base.model, ids, [caps[0].k, caps[1].k[:, :39]], [caps[0].v, caps[1].v[:, :39]], pos)

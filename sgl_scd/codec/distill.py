@@ -2,8 +2,10 @@
 
 For each calibration prompt, the decoder rebuilds the consumer's K/V for every prompt token;
 the consumer runs the prompt attending to the rebuilt K/V at every layer
-(runtime.forward_with_kv), and the loss is KL(p_oracle || p) at sampled positions (24 by
-default; the last one keeps 15% of the weight), where p_oracle is the consumer's own prefill.
+(runtime.logits_with_kv, several short prompts per forward), and the loss is KL(p_oracle || p)
+at sampled positions (24 by default; the last one keeps 15% of the weight), where p_oracle is
+the consumer's own prefill. Long prompts are a few percent of the samples; group_weights lets
+them carry a chosen share of the loss instead.
 Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
 few hundred prompts from overfitting. Only the decoder learns; the codes are the exact
 quantized codes served later.
@@ -43,13 +45,31 @@ def position_weights(p: int, last_share: float = 0.15) -> torch.Tensor:
     return w
 
 
-def train_loss(consumer_model, decoder: ConsumerDecoder, s: DistillSample) -> torch.Tensor:
-    """Weighted KL(oracle || consumer attending to the rebuilt K/V) at the sampled positions."""
-    k, v = decoder.rebuild(consumer_model, s.z)
-    logq = torch.log_softmax(runtime.forward_with_kv(consumer_model, s.ids, k, v)[s.positions], -1)
-    logp = s.oracle_logp.float()
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # [P]
-    return (kl * position_weights(kl.shape[0])).sum()
+def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample],
+               weights: list[float]) -> torch.Tensor:
+    """Sum over samples of weight x position-weighted KL(oracle || consumer attending to the
+    rebuilt K/V), the samples run as one forward."""
+    kv = [decoder.rebuild(consumer_model, s.z) for s in samples]
+    logits = runtime.logits_with_kv(consumer_model, [s.ids for s in samples], [k for k, _ in kv],
+                                    [v for _, v in kv], [s.positions for s in samples])
+    total = torch.zeros(())
+    for s, w, lg in zip(samples, weights, logits):
+        logp = s.oracle_logp.float()
+        kl = (logp.exp() * (logp - torch.log_softmax(lg, -1))).sum(-1)  # [P]
+        total = total + w * (kl * position_weights(kl.shape[0])).sum()
+    return total
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices into lengths packed, longest first, into forwards of at most max_tokens padded
+    tokens (a prompt longer than that runs alone)."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if out and lengths[out[-1][0]] * (len(out[-1]) + 1) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 @torch.no_grad()
@@ -86,18 +106,34 @@ def dev_score(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSam
     return sum(by_group.values()) / max(1, len(by_group)), by_group
 
 
+def group_weights(samples: list[DistillSample], long_share: float | None) -> list[float]:
+    """Per-sample loss weights (mean 1) giving the long group long_share of the total weight;
+    None (or a single group) weighs every sample the same."""
+    groups = length_groups(samples)
+    if long_share is None or len(groups) < 2:
+        return [1.0] * len(samples)
+    if not 0.0 < long_share < 1.0:
+        raise ValueError(f"long_share must be in (0, 1), got {long_share}")
+    n = len(samples)
+    per = {"long": long_share * n / len(groups["long"]), "short": (1 - long_share) * n / len(groups["short"])}
+    return [per["long" if len(s.ids) >= LONG_PROMPT_TOKENS else "short"] for s in samples]
+
+
 def _fmt(by_group: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in by_group.items())
 
 
 def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample], dev: list[DistillSample],
             *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, delta_rank: int = 0,
-            log=print) -> dict:
+            long_share: float | None = None, max_tokens: int = 1024, log=print) -> dict:
     """Train decoder in place; keeps the parameters of the epoch with the best dev_score.
 
     delta_rank > 0 trains only a rank-delta_rank correction of each affine map (plus biases and
-    the patch MLPs) instead of the whole map: far fewer parameters for the same data."""
+    the patch MLPs) instead of the whole map: far fewer parameters for the same data.
+    long_share: the long prompts' share of the loss (group_weights); max_tokens: padded tokens
+    per forward (micro_batches; the gradient is the same, short prompts just run together)."""
     g = torch.Generator().manual_seed(seed)
+    weights = group_weights(train, long_share)
     translators = list(decoder.translators.values())
     if delta_rank > 0:
         for t in translators:
@@ -119,8 +155,9 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
                       leave=False):
             opt.zero_grad(set_to_none=True)
             chunk = order[i : i + batch]
-            for j in chunk:
-                loss = train_loss(consumer_model, decoder, train[j]) / len(chunk)
+            for mb in micro_batches([len(train[j].ids) for j in chunk], max_tokens):
+                js = [chunk[m] for m in mb]
+                loss = batch_loss(consumer_model, decoder, [train[j] for j in js], [weights[j] for j in js]) / len(chunk)
                 loss.backward()
                 running += loss.item() * len(chunk)
             opt.step()
