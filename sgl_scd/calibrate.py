@@ -137,12 +137,16 @@ def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[disti
 
 def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
     """Dev-KL gain (distill.dev_score) of patching each single layer (closed-form decoders), best first."""
-    e0, dec0 = decoder_for(enc_all, affine, [], hidden, ident)
-    base_kl = distill.dev_score(consumer.model, dec0, distill_samples(e0, dev))[0]
-    gains = []
-    for layer in tqdm(range(ident["num_layers"]), desc="rank patch layers", file=sys.stderr):
-        enc, dec = decoder_for(enc_all, affine, [layer], hidden, ident)
-        gains.append((layer, base_kl - distill.dev_score(consumer.model, dec, distill_samples(enc, dev))[0]))
+    coded = distill_samples(enc_all, dev)  # every slot's codes, encoded once
+
+    def score(patch: list[int]) -> float:
+        enc, dec = decoder_for(enc_all, affine, patch, hidden, ident)
+        plan = [distill.DistillSample(s.ids, {k: s.z[k] for k in enc.slots}, s.positions, s.oracle_logp) for s in coded]
+        return distill.dev_score(consumer.model, dec, plan)[0]
+
+    base_kl = score([])
+    gains = [(layer, base_kl - score([layer]))
+             for layer in tqdm(range(ident["num_layers"]), desc="rank patch layers", file=sys.stderr)]
     log(f"reuse-only closed-form dev KL {base_kl:.4f}; best single patches: "
         + ", ".join(f"L{l}:{g:+.4f}" for l, g in sorted(gains, key=lambda x: -x[1])[:8]))
     return sorted(gains, key=lambda x: -x[1])
