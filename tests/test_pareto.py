@@ -39,3 +39,14 @@ def test_table_renders_every_row(tmp_path):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 4 and "TTFT@200" in out[0]
     assert "| tomi | scd | 4 | 0.760 | 0.95 | 0.100 |" in out[3]  # F1 / oracle F1 = 0.76 / 0.8
+
+
+def test_answer_flips_buckets_by_oracle_margin():
+    rows = [{"kl": 0.5, "margin": 0.05, "flip": True}, {"kl": 0.1, "margin": 0.05, "flip": False},
+            {"kl": 0.02, "margin": 0.9, "flip": False}, {"kl": 0.0, "margin": 1.0, "flip": False}]
+    s = load_script("answer_flips").summarize(rows)
+    by = {r["bucket"]: r for r in s}
+    assert by["[0.0, 0.1)"]["items"] == 2 and by["[0.0, 0.1)"]["flip_rate"] == 0.5
+    assert by["[0.7, 1.0)"]["items"] == 2  # a margin of exactly 1 lands in the last bucket
+    assert sum(r["items"] for r in s[:-1]) == by["all"]["items"] == 4
+    assert abs(by["all"]["mean_kl"] - 0.155) < 1e-9 and by["all"]["top5pct_kl_share"] == 0.5 / 0.62
