@@ -51,19 +51,26 @@ class PairCapture:
     oracle_logp: torch.Tensor  # [P, V] fp16
 
 
-def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng) -> PairCapture:
+def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,
+                 slots: list[Slot] | None = None) -> PairCapture:
     """Both models' per-slot states for every prompt token, and the oracle's log-probs at
-    n_positions sampled positions (always including the last)."""
+    n_positions sampled positions (always including the last).
+
+    slots: only these producer slots and no consumer targets (all that distilling an already
+    fitted codec needs)."""
     n = len(ids)
     positions = sorted(rng.sample(range(n - 1), min(n_positions - 1, n - 1))) + [n - 1]
+    fit = slots is None
+    if fit:
+        slots = [Slot(layer, kind) for layer in range(producer.config.num_hidden_layers) for kind in ("k", "v", "h")]
     pc = runtime.capture_prefill(producer.model, ids, hidden=True)
-    cc = runtime.capture_prefill(consumer.model, ids, hidden=True, logits_at=positions)
-    slots = [Slot(layer, kind) for layer in range(producer.config.num_hidden_layers) for kind in ("k", "v", "h")]
-    pk, ck = pc.k_derotated(), cc.k_derotated()
+    cc = runtime.capture_prefill(consumer.model, ids, hidden=fit, logits_at=positions)
+    pk = pc.k_derotated()
+    ck = cc.k_derotated() if fit else None
     return PairCapture(  # fp16 halves capture memory (~115 KB per token); fits run in fp32
         ids=ids,
         producer={s: slot_input(pc, s, pk).half() for s in slots},
-        consumer={s: slot_input(cc, s, ck).half() for s in slots},
+        consumer={s: slot_input(cc, s, ck).half() for s in slots} if fit else {},
         positions=positions,
         oracle_logp=torch.log_softmax(cc.sel_logits, -1).half(),
     )
@@ -235,7 +242,7 @@ def calibrate(args) -> Path:
     train_s, dev_s = distill_samples(enc, train), distill_samples(enc, dev)
     del train, dev
     for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
-        train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng)])
+        train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots))])
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
                              delta_rank=args.delta_rank, long_share=args.long_share, log=log)
     dec.eval().requires_grad_(False)
@@ -257,7 +264,7 @@ def calibrate(args) -> Path:
         "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
                    "kv": str(consumer.model.dtype).replace("torch.", "")},
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
-                        "n_fit": min(args.n_fit, len(lengths)),
+                        "n_fit": len(fit_idx),
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
                         "delta_rank": args.delta_rank, "long_share": args.long_share,

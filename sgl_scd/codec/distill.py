@@ -91,11 +91,15 @@ def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[Distil
 LONG_PROMPT_TOKENS = 256  # ToMi prompts are ~70-150 tokens, the long calibration prompts 500-1,200
 
 
+def length_group(s: DistillSample) -> str:
+    return "long" if len(s.ids) >= LONG_PROMPT_TOKENS else "short"
+
+
 def length_groups(samples: list[DistillSample]) -> dict[str, list[DistillSample]]:
     """Samples split into "long" (>= LONG_PROMPT_TOKENS) and "short"; empty groups left out."""
     groups: dict[str, list[DistillSample]] = {}
     for s in samples:
-        groups.setdefault("long" if len(s.ids) >= LONG_PROMPT_TOKENS else "short", []).append(s)
+        groups.setdefault(length_group(s), []).append(s)
     return dict(sorted(groups.items()))
 
 
@@ -116,7 +120,7 @@ def group_weights(samples: list[DistillSample], long_share: float | None) -> lis
         raise ValueError(f"long_share must be in (0, 1), got {long_share}")
     n = len(samples)
     per = {"long": long_share * n / len(groups["long"]), "short": (1 - long_share) * n / len(groups["short"])}
-    return [per["long" if len(s.ids) >= LONG_PROMPT_TOKENS else "short"] for s in samples]
+    return [per[length_group(s)] for s in samples]
 
 
 def _fmt(by_group: dict) -> str:
