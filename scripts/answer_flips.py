@@ -14,13 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from sgl_scd import data, evaluate, models
 from sgl_scd.codec.manifest import load_adapter
 from sgl_scd.codec.serve import scd_method
 from sgl_scd.paths import ADAPTERS_DIR
-from sgl_scd.quality import kl_divergence
+from sgl_scd.quality import kl_divergence, top2_margin
 from sgl_scd.runinfo import provenance
 
 BUCKETS = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 0.7), (0.7, 1.0)]
@@ -28,8 +26,7 @@ BUCKETS = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 0.7), (0.7, 1.0)]
 
 def item_row(p: evaluate.PairItem, outs: dict) -> dict:
     oracle, scd = outs["oracle"].first_logits, outs["scd"].first_logits
-    top2 = torch.softmax(oracle.float(), -1).topk(2).values
-    return {"kl": kl_divergence(oracle, scd), "margin": float(top2[0] - top2[1]),
+    return {"kl": kl_divergence(oracle, scd), "margin": top2_margin(oracle),
             "flip": int(oracle.argmax()) != int(scd.argmax())}
 
 

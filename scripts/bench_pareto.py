@@ -3,7 +3,9 @@
 
 Methods: oracle (consumer prefill), raw_kv, kivi4, droidspeak, scd_reuse (SCD without patches,
 producer side = K/V pages only, what SGLang always exposes), scd (with patch layers), scd_tailN
-(scd, the last N prompt tokens prefilled by the consumer).
+(scd, the last N prompt tokens prefilled by the consumer), scd_gateM (scd, prefilling instead
+where the rebuilt first answer token's top-1 - top-2 probability is below M: the serving gate,
+launch --min-margin).
 TTFT(bw) = payload / bandwidth + measured rebuild + measured suffix forward (oracle: its prefill).
 One JSON line per (dataset, method) to --json, plus a PNG of the quality-TTFT frontier.
 
@@ -60,6 +62,7 @@ def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_to
             t["forward"].append(out.forward_s)
             t["oracle"].append(oracle_s)
             t["prompt_tokens"].append(len(p.ids))
+            t["fell_back"].append(out.fell_back)
 
     rows = evaluate.evaluate(producer, consumer, items, methods, desc=f"{name}", on_item=on_item,
                              max_new_tokens=max_new_tokens)
@@ -74,6 +77,7 @@ def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_to
         r["suffix_forward_s"] = mean(t["forward"])
         r["oracle_prefill_s"] = mean(t["oracle"])
         r["prompt_tokens"] = mean(t["prompt_tokens"])
+        r["fallback_rate"] = mean(t["fell_back"])  # requests prefilled by the gate
         r["compute_ratio_vs_prefill"] = (sum(t["rebuild"]) + sum(t["forward"])) / sum(t["oracle"]) \
             if r["method"] != "oracle" else 1.0
         r["ttft_s"] = {str(bw): mean([p * 8 / (bw * 1e9) + rb + f for p, rb, f in
@@ -85,6 +89,14 @@ def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_to
     return rows
 
 
+COLORS = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
+          "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_tail": "navy", "scd_gate": "tab:green"}
+
+
+def method_color(method: str) -> str:
+    return COLORS.get(method) or COLORS.get(method.rstrip("0123456789."), "0.3")
+
+
 def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
     import matplotlib
 
@@ -94,8 +106,6 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
     names = list(rows_by_dataset)
     fig, axes = plt.subplots(len(names), len(bandwidths), figsize=(3.2 * len(bandwidths), 3.0 * len(names)),
                              squeeze=False)
-    colors = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
-              "scd_reuse": "tab:cyan", "scd": "tab:blue"}
     for i, name in enumerate(names):
         for j, bw in enumerate(bandwidths):
             ax = axes[i][j]
@@ -104,7 +114,7 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
             ax.plot([r["ttft_s"][str(bw)] * 1e3 for r in front], [r["kl"] + 1e-3 for r in front], "--",
                     color="0.6", zorder=1)
             for r in rows:
-                ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=colors.get(r["method"], "navy" if r["method"].startswith("scd_tail") else "g"),
+                ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=method_color(r["method"]),
                            label=r["method"], zorder=2, s=40)
             ax.set_yscale("log")
             ax.set_title(f"{name} @ {bw} Gbps", fontsize=9)
@@ -131,6 +141,9 @@ def main(argv=None) -> None:
     p.add_argument("--scd-tail", default="",
                    help="also run SCD prefilling the last N prompt tokens (method scd_tailN; comma-separated N, "
                         "e.g. 16 = one store page, the most the serving engine prefills; default none)")
+    p.add_argument("--scd-gate", default="",
+                   help="also run SCD with the serving gate at these margins (method scd_gateM; comma-separated, "
+                        "e.g. 0.2,0.4: prefill where the rebuilt first token's top-1 - top-2 probability < M)")
     p.add_argument("--droidspeak-width", type=int, default=6, help="recomputed contiguous layers")
     p.add_argument("--n-profile", type=int, default=24, help="dev prompts for DroidSpeak's window profiling")
     p.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS)), help="Gbps, comma-separated")
@@ -155,6 +168,9 @@ def main(argv=None) -> None:
         f"(dev KL {scores[0][1]:.4f}; worst window {scores[-1][1]:.4f})")
     methods["droidspeak"] = baselines.droidspeak_method(start, args.droidspeak_width)
     tails = [int(x) for x in args.scd_tail.split(",") if x.strip()]
+    gates = [float(x) for x in args.scd_gate.split(",") if x.strip()]
+    if any(not 0.0 < m <= 1.0 for m in gates):
+        p.error(f"--scd-gate margins must be in (0, 1], got {args.scd_gate}")
     for key, path in (("scd_reuse", args.reuse_adapter or ADAPTERS_DIR / f"{args.consumer}-reuse"),
                       ("scd", args.adapter or ADAPTERS_DIR / args.consumer)):
         try:
@@ -165,6 +181,7 @@ def main(argv=None) -> None:
         methods[key] = scd_method(adapter)
         if key == "scd":
             methods.update({f"scd_tail{t}": scd_method(adapter, tail=t) for t in tails})
+            methods.update({f"scd_gate{m:g}": scd_method(adapter, min_margin=m) for m in gates})
     sets = {"tomi": data.load_tomi("test")[: args.n], "hitom": data.load_hitom()[: args.n_hitom],
             "long1k": data.load_long_context(consumer.tokenizer)[: args.n_long]}
     config = {"producer": args.producer, "consumer": args.consumer, "bandwidths_gbps": bws,
@@ -185,6 +202,7 @@ def main(argv=None) -> None:
                 f.flush()
                 log(f"{name:>6} {r['method']:>10} f1={r['f1']:.3f} kl={r['kl']:.4f} same={r['same_answer']:.3f} "
                     f"payload={r['payload_ratio']:.3f}x compute={r['compute_ratio_vs_prefill']:.3f}x "
+                    f"prefilled={r['fallback_rate']:.2f} "
                     f"ttft@200={r['ttft_s'].get('200', float('nan')) * 1e3:.1f}ms")
     plot(results, bws, Path(args.png) if args.png else out.with_suffix(".png"))
 

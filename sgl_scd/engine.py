@@ -5,6 +5,9 @@
                      page holding the last prompt token) -> decode wire -> rebuild its own K/V
                      -> prefill only the uncovered suffix -> decode.
 
+A rebuilt cache whose first answer token is a near-tie (top-1 - top-2 probability below
+min_margin) is dropped for a prefill: a small error flips such answers (miss cause low_margin).
+
 Any miss (store down, slow, full, flushed; corrupt or mismatched payload) shrinks the reused
 prefix, down to a plain prefill; it is counted, never raised. Keys: the base chain (SGLang's
 page hash) inside the namespace of the adapter's frozen StoreIdentity.
@@ -59,13 +62,16 @@ class ReuseEngine:
     """One producer and one consumer sharing codes through a PrefixStore (not thread-safe)."""
 
     def __init__(self, producer: LoadedModel, consumer: LoadedModel, adapter: Adapter, store: PrefixStore,
-                 *, adapter_label: str | None = None, max_new_tokens: int = 16):
+                 *, adapter_label: str | None = None, max_new_tokens: int = 16, min_margin: float = 0.0):
         if store.identity != store_identity(adapter, store.identity.cache_salt):
             raise ValueError("the store's identity does not match the adapter's (codec revision or producer differ)")
         self.producer, self.consumer, self.adapter, self.store = producer, consumer, adapter, store
         self.label = adapter_label or adapter.name
         self.page_size = store.identity.page_size
         self.max_new_tokens = max_new_tokens
+        if not 0.0 <= min_margin <= 1.0:
+            raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin}")
+        self.min_margin = min_margin
         # Decoders are only trusted on positions calibration saw: longer prefixes reuse that much
         # and prefill the rest (older manifests carry no bound).
         max_tokens = adapter.manifest.get("calibration", {}).get("max_tokens")
@@ -118,7 +124,10 @@ class ReuseEngine:
                 cause = "wire"
             rebuild_s = time.perf_counter() - t1
         out = runtime.continue_from_kv(self.consumer.model, self.consumer.tokenizer, ids, k, v,
-                                       max_new_tokens=self.max_new_tokens)
+                                       max_new_tokens=self.max_new_tokens, min_margin=self.min_margin)
+        if out.fell_back:
+            self.store.record_rejected(adapter=self.label, pages=len(blobs), cause="low_margin")
+            k, cause = None, "low_margin"
         reused = 0 if k is None else k.shape[1]
         return RequestResult(out.text, out.tokens, len(ids), reused, miss_cause=cause,
                              timings={"total_s": time.perf_counter() - t0, "rebuild_s": rebuild_s,

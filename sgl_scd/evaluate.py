@@ -34,9 +34,9 @@ class PairItem:
         """The producer's prefill of all prompt tokens but the last (the part that is shipped)."""
         return runtime.capture_prefill(self.producer.model, self.ids[:-1], hidden=True, residual=True)
 
-    def continue_consumer(self, k=None, v=None) -> runtime.Continuation:
+    def continue_consumer(self, k=None, v=None, min_margin: float = 0.0) -> runtime.Continuation:
         return runtime.continue_from_kv(self.consumer.model, self.consumer.tokenizer, self.ids, k, v,
-                                        max_new_tokens=self.max_new_tokens)
+                                        max_new_tokens=self.max_new_tokens, min_margin=min_margin)
 
 
 Method = Callable[[PairItem], runtime.Continuation]

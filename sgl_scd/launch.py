@@ -28,20 +28,22 @@ from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.runinfo import provenance
 from sgl_scd.store import open_store, resolve_url
 
+DEFAULT_MIN_MARGIN = 0.0  # the gate's default; set from bench_pareto --scd-gate measurements
+
 
 def build_engine(args) -> ReuseEngine:
     producer, consumer = models.load(args.producer), models.load(args.consumer)
     adapter_dir = Path(args.adapter or ADAPTERS_DIR / Path(args.consumer).name)
     adapter = load_adapter(adapter_dir, producer, consumer)
     store = open_store(args.store_url, store_identity(adapter, args.cache_salt), ttl_s=args.ttl)
-    return ReuseEngine(producer, consumer, adapter, store, adapter_label=adapter.name)
+    return ReuseEngine(producer, consumer, adapter, store, adapter_label=adapter.name, min_margin=args.min_margin)
 
 
 def run_demo(engine: ReuseEngine, n: int, out: Path | None) -> dict:
     """Producer then consumer on n held-out ToMi prompts; compares with the consumer's own prefill."""
     items = data.load_tomi("test")[:n]
     tok = engine.consumer.tokenizer
-    f1_scd, f1_oracle, same, reused, prompt, t_scd, t_oracle = [], [], [], 0, 0, 0.0, 0.0
+    f1_scd, f1_oracle, same, reused, prompt, t_scd, t_oracle, fell_back = [], [], [], 0, 0, 0.0, 0.0, 0
     for it in tqdm(items, desc="demo: producer -> store -> consumer", file=sys.stderr):
         ids = data.prompt_ids(tok, it)
         engine.serve_producer(ids)
@@ -55,6 +57,7 @@ def run_demo(engine: ReuseEngine, n: int, out: Path | None) -> dict:
         f1_oracle.append(quality.token_f1(ref.text, it.answer))
         same.append(quality.normalize_answer(res.text) == quality.normalize_answer(ref.text))
         reused += res.reused_tokens
+        fell_back += res.miss_cause == "low_margin"
         prompt += res.prompt_tokens
     stats = engine.store.stats()
     m = engine.adapter.manifest["codec"]
@@ -62,6 +65,7 @@ def run_demo(engine: ReuseEngine, n: int, out: Path | None) -> dict:
         "n": len(items), "store": engine.store.url,
         "f1_scd": sum(f1_scd) / len(items), "f1_oracle": sum(f1_oracle) / len(items),
         "same_answer": sum(same) / len(items), "reused_token_fraction": reused / prompt,
+        "min_margin": engine.min_margin, "low_margin_fallback_rate": fell_back / len(items),
         "payload_ratio_vs_raw_bf16_kv": m["payload_ratio"], "patch_layers": m["patch_layers"],
         "consumer_request_s": t_scd / len(items), "consumer_prefill_request_s": t_oracle / len(items),
         "store_stats": stats["adapters"],
@@ -71,6 +75,7 @@ def run_demo(engine: ReuseEngine, n: int, out: Path | None) -> dict:
     print(f"  F1 with reused prefill  {report['f1_scd']:.3f}   (consumer's own prefill: {report['f1_oracle']:.3f})")
     print(f"  same answer as prefill  {report['same_answer']:.3f}")
     print(f"  prompt tokens reused    {report['reused_token_fraction']:.3f} (full pages, last token prefilled)")
+    print(f"  prefilled (near-tie)    {report['low_margin_fallback_rate']:.3f} of requests (--min-margin {engine.min_margin})")
     print(f"  payload vs raw bf16 KV  {m['payload_ratio']:.3f}x   patch layers {m['patch_layers']}")
     print(f"  consumer request        {report['consumer_request_s'] * 1e3:.0f} ms with codes vs "
           f"{report['consumer_prefill_request_s'] * 1e3:.0f} ms with prefill (2-core CPU, short prompts)")
@@ -94,11 +99,17 @@ def main(argv=None) -> None:
     p.add_argument("--ttl", type=float, default=86400.0, help="seconds a published page lives (default 1 day)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--min-margin", type=float, default=DEFAULT_MIN_MARGIN,
+                   help="prefill instead of reusing when the rebuilt cache's first answer token is a near-tie: "
+                        "top-1 minus top-2 probability below this (0 = always reuse; default %(default)s, "
+                        "see README: quality vs compute)")
     p.add_argument("--demo", type=int, metavar="N", help="run the demo workload on N prompts and exit")
     p.add_argument("--report", default="out/demo_report.json", help="demo report path")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    if not 0.0 <= args.min_margin <= 1.0:
+        p.error(f"--min-margin is a probability gap in [0, 1], got {args.min_margin}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,6 +50,12 @@ def kl_divergence(oracle_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum().clamp_min(0.0))
 
 
+def top2_margin(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 probability of a logit vector [V]: how near a tie the choice is."""
+    top = torch.softmax(logits.float(), -1).topk(2).values
+    return float(top[0] - top[1])
+
+
 @dataclass
 class MethodScore:
     """Running per-method totals; summary() gives means over the items seen."""

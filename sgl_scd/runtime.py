@@ -7,7 +7,9 @@ Layouts (one prompt, no batch dim):
 
 capture_prefill() runs a plain forward; continue_from_kv() installs K/V for the first T prompt
 tokens into a fresh cache, runs the remaining tokens (at least the last one) and decodes
-greedily. continue_from_kv(k=None) is an ordinary prefill, the oracle.
+greedily. continue_from_kv(k=None) is an ordinary prefill, the oracle; with min_margin it is
+the gated serving path: a rebuilt cache whose first-token distribution is a near-tie is
+dropped and the prompt prefilled instead.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from sgl_scd import rope
+from sgl_scd import quality, rope
 
 
 @dataclass
@@ -45,8 +47,9 @@ class Continuation:
     first_logits: torch.Tensor  # [V] distribution for the first answer token
     tokens: list[int]  # greedy answer tokens (stop token excluded)
     text: str
-    forward_s: float  # time of the suffix forward that produced first_logits
+    forward_s: float  # time of the suffix forward that produced first_logits (+ the fallback prefill)
     timings: dict = field(default_factory=dict)
+    fell_back: bool = False  # the given K/V were dropped for a prefill (min_margin)
 
 
 def _layers(model):
@@ -115,11 +118,15 @@ def continue_from_kv(
     v: torch.Tensor | None = None,
     *,
     max_new_tokens: int = 16,
+    min_margin: float = 0.0,
 ) -> Continuation:
     """Continue a prompt whose first T tokens are covered by k/v [L, T, H_kv, D] (T < len(ids)).
 
     Runs ids[T:] through the model on top of that cache, then decodes greedily until an end
-    token or max_new_tokens. With k=None this is a plain prefill (the oracle).
+    token or max_new_tokens. With k=None this is a plain prefill (the oracle). With
+    min_margin > 0, when the first answer token's top-1 minus top-2 probability on the given
+    K/V is below min_margin, they are dropped and the prompt is prefilled (fell_back=True;
+    forward_s then counts both forwards).
     """
     covered = 0 if k is None else k.shape[1]
     if covered >= len(ids):
@@ -127,17 +134,32 @@ def continue_from_kv(
             f"K/V cover {covered} tokens but the prompt has {len(ids)}: at least the last prompt "
             "token must be run to get logits"
         )
+    if not 0.0 <= min_margin <= 1.0:
+        raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin}")
+    cache, first_logits, forward_s = _extend(model, ids, k, v)
+    fell_back = k is not None and min_margin > 0 and quality.top2_margin(first_logits) < min_margin
+    if fell_back:
+        cache, first_logits, prefill_s = _extend(model, ids, None, None)
+        forward_s += prefill_s
+    tokens = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
+    return Continuation(first_logits=first_logits, tokens=tokens, forward_s=forward_s, fell_back=fell_back,
+                        text=tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def _extend(model, ids, k, v) -> tuple[DynamicCache, torch.Tensor, float]:
+    """Run the prompt tokens k/v do not cover on top of them: (cache, first-token logits, seconds)."""
+    covered = 0 if k is None else k.shape[1]
     cache = build_cache(model, k, v) if k is not None else DynamicCache(config=model.config)
     t0 = time.perf_counter()
-    suffix = torch.tensor([ids[covered:]])
-    positions = torch.arange(covered, len(ids))[None]
-    out = model(input_ids=suffix, position_ids=positions, past_key_values=cache, use_cache=True)
-    forward_s = time.perf_counter() - t0
-    first_logits = out.logits[0, -1].float()
+    out = model(input_ids=torch.tensor([ids[covered:]]), position_ids=torch.arange(covered, len(ids))[None],
+                past_key_values=cache, use_cache=True)
+    return cache, out.logits[0, -1].float(), time.perf_counter() - t0
+
+
+def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tokens: int) -> list[int]:
+    """Greedy answer tokens from the first answer token's logits until a stop token."""
     stop = _stop_ids(tokenizer)
     tokens: list[int] = []
-    logits = first_logits
-    pos = len(ids)
     for _ in range(max_new_tokens):
         nxt = int(logits.argmax())
         if nxt in stop:
@@ -147,8 +169,7 @@ def continue_from_kv(
                     past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1]
         pos += 1
-    return Continuation(first_logits=first_logits, tokens=tokens,
-                        text=tokenizer.decode(tokens, skip_special_tokens=True), forward_s=forward_s)
+    return tokens
 
 
 class _ReplacedKV(DynamicCache):

@@ -81,3 +81,24 @@ def test_prefix_beyond_calibrated_length_is_prefilled_and_counted(engine, base):
 
 def test_manifest_bounds_reuse_by_calibrated_length(small_adapter, engine):
     assert engine.max_reuse_pages == small_adapter.manifest["calibration"]["max_tokens"] // engine.page_size
+
+
+def test_near_tie_gate_prefills_and_counts(tmp_path, base, demo_ft, small_adapter):
+    """min_margin=1.0 rejects every rebuilt cache (a top-1 - top-2 gap of 1 needs a one-hot
+    distribution): the request is answered by prefill, exactly the oracle, and counted."""
+    store = open_store(f"embedded://{tmp_path}/gate.sqlite3", store_identity(small_adapter), stats_flush_s=0)
+    eng = ReuseEngine(base, demo_ft, small_adapter, store, adapter_label="demo-ft", min_margin=1.0)
+    ids = _ids(base, 5)
+    eng.serve_producer(ids)
+    got = eng.serve_consumer(ids)
+    assert got.reused_tokens == 0 and got.miss_cause == "low_margin"
+    assert got.text == _oracle_text(demo_ft, ids)
+    assert store.stats()["adapters"]["demo-ft"]["misses_by_cause"]["decode:low_margin"] == 1
+    store.close()
+
+
+def test_engine_refuses_a_bad_min_margin(tmp_path, base, demo_ft, small_adapter):
+    store = open_store(f"embedded://{tmp_path}/bad.sqlite3", store_identity(small_adapter))
+    with pytest.raises(ValueError, match="got -0.1"):
+        ReuseEngine(base, demo_ft, small_adapter, store, min_margin=-0.1)
+    store.close()

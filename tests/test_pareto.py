@@ -37,7 +37,7 @@ def test_table_renders_every_row(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "pareto_table.py"), str(path), "--bandwidths", "200"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert len(out) == 4 and "TTFT@200" in out[0]
+    assert len(out) == 4 and "TTFT@200" in out[0] and "prefilled" in out[0]
     assert "| tomi | scd | 4 | 0.760 | 0.95 | 0.100 |" in out[3]  # F1 / oracle F1 = 0.76 / 0.8
 
 

@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from sgl_scd.quality import MethodScore, exact_match, kl_divergence, normalize_answer, token_f1
+from sgl_scd.quality import (
+    MethodScore,
+    exact_match,
+    kl_divergence,
+    normalize_answer,
+    token_f1,
+    top2_margin,
+)
 
 
 def test_squad_normalization():
@@ -26,6 +33,12 @@ def test_kl_properties():
     b = torch.randn(100)
     p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
     assert math.isclose(kl_divergence(a, b), float((p * (p / q).log()).sum()), rel_tol=1e-9)
+
+
+def test_top2_margin():
+    logits = torch.log(torch.tensor([0.1, 0.6, 0.3]))
+    assert math.isclose(top2_margin(logits), 0.3, abs_tol=1e-6)
+    assert top2_margin(torch.zeros(5)) == 0.0  # an exact tie
 
 
 def test_method_score_summary():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sgl_scd import data, runtime
+from sgl_scd import data, quality, runtime
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,31 @@ def test_injecting_own_kv_is_exact(base, prompt, covered):
     assert (plain.first_logits - injected.first_logits).abs().max().item() <= 1e-4
     assert injected.tokens == plain.tokens and injected.text == plain.text
     assert len(plain.tokens) > 0
+
+
+def test_min_margin_gate_drops_near_tie_kv_for_a_prefill(base, prompt):
+    """The serving gate: below min_margin the given K/V are dropped and the prompt prefilled
+    (same logits and answer as the plain prefill); at or above it they are used. Own KV give the
+    plain prefill's margin m (to 1e-4), so m -/+ 0.01 sits on either side of the threshold."""
+    cap = runtime.capture_prefill(base.model, prompt, hidden=False)
+    t = len(prompt) - 1
+    plain = runtime.continue_from_kv(base.model, base.tokenizer, prompt)
+    m = quality.top2_margin(plain.first_logits)
+    kept = runtime.continue_from_kv(base.model, base.tokenizer, prompt, cap.k[:, :t], cap.v[:, :t],
+                                    min_margin=max(0.0, m - 0.01))
+    assert not kept.fell_back
+    zeros = torch.zeros_like(cap.k[:, :t])  # a wrong cache: its answer distribution differs
+    used = runtime.continue_from_kv(base.model, base.tokenizer, prompt, zeros, zeros)
+    assert not used.fell_back and (used.first_logits - plain.first_logits).abs().max() > 1.0
+    gated = runtime.continue_from_kv(base.model, base.tokenizer, prompt, zeros, zeros, min_margin=1.0)
+    assert gated.fell_back and gated.tokens == plain.tokens
+    assert (gated.first_logits - plain.first_logits).abs().max() <= 1e-4
+    assert gated.forward_s > plain.forward_s * 0.5  # both forwards are counted
+    fell = runtime.continue_from_kv(base.model, base.tokenizer, prompt, cap.k[:, :t], cap.v[:, :t],
+                                    min_margin=min(1.0, m + 0.01))
+    assert fell.fell_back
+    with pytest.raises(ValueError, match="got 1.5"):
+        runtime.continue_from_kv(base.model, base.tokenizer, prompt, zeros, zeros, min_margin=1.5)
 
 
 def test_project_kv_recomputes_captured_kv(base, prompt):
