@@ -244,7 +244,8 @@ def calibrate(args) -> Path:
     for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
         train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots))])
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
-                             delta_rank=args.delta_rank, long_share=args.long_share, log=log)
+                             delta_rank=args.delta_rank, long_share=args.long_share,
+                             last_share=args.last_share, log=log)
     dec.eval().requires_grad_(False)
     revision = mf.encoder_revision(enc)
     raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
@@ -268,6 +269,7 @@ def calibrate(args) -> Path:
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
                         "delta_rank": args.delta_rank, "long_share": args.long_share,
+                        "last_share": args.last_share,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
     }
     out = Path(args.out or ADAPTERS_DIR / args.name)
@@ -324,6 +326,9 @@ def main(argv=None) -> None:
     p.add_argument("--long-share", type=float, default=0.25,
                    help="share of the distillation loss carried by long (>= 256-token) prompts, whatever "
                         "their number (default 0.25; the built-in set has ~5%% long prompts)")
+    p.add_argument("--last-share", type=float, default=0.15,
+                   help="share of each prompt's loss on its last position, the first answer token (what "
+                        "serving is judged on); the other sampled positions share the rest (default 0.15)")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
@@ -337,6 +342,8 @@ def main(argv=None) -> None:
         p.error(f"--bits-per-dim must be > 0, got {args.bits_per_dim}")
     if not 0 < args.long_share < 1:
         p.error(f"--long-share must be in (0, 1), got {args.long_share}")
+    if not 0 < args.last_share <= 1:
+        p.error(f"--last-share must be in (0, 1], got {args.last_share}")
     if args.n_fit < 1:
         p.error(f"--n-fit must be >= 1, got {args.n_fit}")
     if args.delta_rank < 0:

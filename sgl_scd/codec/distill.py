@@ -3,7 +3,7 @@
 For each calibration prompt, the decoder rebuilds the consumer's K/V for every prompt token;
 the consumer runs the prompt attending to the rebuilt K/V at every layer
 (runtime.logits_with_kv, several short prompts per forward), and the loss is KL(p_oracle || p)
-at sampled positions (24 by default; the last one keeps 15% of the weight), where p_oracle is
+at sampled positions (24 by default; the last one keeps last_share, 15% by default), where p_oracle is
 the consumer's own prefill. Long prompts are a few percent of the samples; group_weights lets
 them carry a chosen share of the loss instead.
 Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
@@ -46,7 +46,7 @@ def position_weights(p: int, last_share: float = 0.15) -> torch.Tensor:
 
 
 def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample],
-               weights: list[float]) -> torch.Tensor:
+               weights: list[float], last_share: float = 0.15) -> torch.Tensor:
     """Sum over samples of weight x position-weighted KL(oracle || consumer attending to the
     rebuilt K/V), the samples run as one forward."""
     kv = [decoder.rebuild(consumer_model, s.z) for s in samples]
@@ -56,7 +56,7 @@ def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSa
     for s, w, lg in zip(samples, weights, logits):
         logp = s.oracle_logp.float()
         kl = (logp.exp() * (logp - torch.log_softmax(lg, -1))).sum(-1)  # [P]
-        total = total + w * (kl * position_weights(kl.shape[0])).sum()
+        total = total + w * (kl * position_weights(kl.shape[0], last_share)).sum()
     return total
 
 
@@ -129,12 +129,14 @@ def _fmt(by_group: dict) -> str:
 
 def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample], dev: list[DistillSample],
             *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, delta_rank: int = 0,
-            long_share: float | None = None, max_tokens: int = 1024, log=print) -> dict:
+            long_share: float | None = None, last_share: float = 0.15, max_tokens: int = 1024,
+            log=print) -> dict:
     """Train decoder in place; keeps the parameters of the epoch with the best dev_score.
 
     delta_rank > 0 trains only a rank-delta_rank correction of each affine map (plus biases and
     the patch MLPs) instead of the whole map: far fewer parameters for the same data.
-    long_share: the long prompts' share of the loss (group_weights); max_tokens: padded tokens
+    long_share: the long prompts' share of the loss (group_weights); last_share: each prompt's
+    loss share on its first answer token (position_weights); max_tokens: padded tokens
     per forward (micro_batches; the gradient is the same, short prompts just run together)."""
     g = torch.Generator().manual_seed(seed)
     weights = group_weights(train, long_share)
@@ -161,7 +163,8 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
             chunk = order[i : i + batch]
             for mb in micro_batches([len(train[j].ids) for j in chunk], max_tokens):
                 js = [chunk[m] for m in mb]
-                loss = batch_loss(consumer_model, decoder, [train[j] for j in js], [weights[j] for j in js]) / len(chunk)
+                loss = batch_loss(consumer_model, decoder, [train[j] for j in js], [weights[j] for j in js],
+                                  last_share) / len(chunk)
                 loss.backward()
                 running += loss.item() * len(chunk)
             opt.step()
