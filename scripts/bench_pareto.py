@@ -116,6 +116,10 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
             for r in rows:
                 ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=method_color(r["method"]),
                            label=r["method"], zorder=2, s=40)
+                variant = r["method"].removeprefix("scd_gate").removeprefix("scd_tail")
+                if variant != r["method"]:  # tell the gated / tail variants apart
+                    ax.annotate(variant, (r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3), fontsize=6,
+                                xytext=(2, 3), textcoords="offset points")
             ax.set_yscale("log")
             ax.set_title(f"{name} @ {bw} Gbps", fontsize=9)
             ax.set_xlabel("TTFT (ms)", fontsize=8)
