@@ -69,8 +69,7 @@ class ReuseEngine:
         self.label = adapter_label or adapter.name
         self.page_size = store.identity.page_size
         self.max_new_tokens = max_new_tokens
-        if not 0.0 <= min_margin <= 1.0:
-            raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin}")
+        runtime.check_min_margin(min_margin)  # at construction, not on every request
         self.min_margin = min_margin
         # Decoders are only trusted on positions calibration saw: longer prefixes reuse that much
         # and prefill the rest (older manifests carry no bound).

@@ -28,8 +28,6 @@ from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.runinfo import provenance
 from sgl_scd.store import open_store, resolve_url
 
-DEFAULT_MIN_MARGIN = 0.0  # the gate's default; set from bench_pareto --scd-gate measurements
-
 
 def build_engine(args) -> ReuseEngine:
     producer, consumer = models.load(args.producer), models.load(args.consumer)
@@ -99,7 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--ttl", type=float, default=86400.0, help="seconds a published page lives (default 1 day)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--min-margin", type=float, default=DEFAULT_MIN_MARGIN,
+    p.add_argument("--min-margin", type=float, default=0.0,
                    help="prefill instead of reusing when the rebuilt cache's first answer token is a near-tie: "
                         "top-1 minus top-2 probability below this (0 = always reuse; default %(default)s, "
                         "see README: quality vs compute)")
@@ -108,8 +106,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
-    if not 0.0 <= args.min_margin <= 1.0:
-        p.error(f"--min-margin is a probability gap in [0, 1], got {args.min_margin}")
+    try:
+        runtime.check_min_margin(args.min_margin)
+    except ValueError as e:
+        p.error(f"--min-margin: {e}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

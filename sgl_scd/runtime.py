@@ -134,8 +134,7 @@ def continue_from_kv(
             f"K/V cover {covered} tokens but the prompt has {len(ids)}: at least the last prompt "
             "token must be run to get logits"
         )
-    if not 0.0 <= min_margin <= 1.0:
-        raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin}")
+    check_min_margin(min_margin)
     cache, first_logits, forward_s = _extend(model, ids, k, v)
     fell_back = k is not None and min_margin > 0 and quality.top2_margin(first_logits) < min_margin
     if fell_back:
@@ -144,6 +143,12 @@ def continue_from_kv(
     tokens = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
     return Continuation(first_logits=first_logits, tokens=tokens, forward_s=forward_s, fell_back=fell_back,
                         text=tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def check_min_margin(min_margin: float) -> None:
+    """ValueError naming the value unless it is a probability gap in [0, 1]."""
+    if not 0.0 <= min_margin <= 1.0:
+        raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin}")
 
 
 def _extend(model, ids, k, v) -> tuple[DynamicCache, torch.Tensor, float]:
