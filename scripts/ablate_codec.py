@@ -6,7 +6,8 @@ calibration prompts and reports the mean next-token KL vs the oracle on held-out
 (no distillation, so each variant costs seconds). One JSON line per variant.
 
 Variants: bits per dimension (payload), basis (producer PCA vs the paper's joint
-factorization), per-layer vs per-head codes, and patch layers vs pure reuse.
+factorization), per-layer vs per-head codes, patch layers vs pure reuse, and how bits are split
+between reuse (K/V) and patch (normalized input) codes.
 
   python scripts/ablate_codec.py --n-calib 96 --n-dev 32 --json out/ablate.jsonl
 """
@@ -31,7 +32,7 @@ from sgl_scd.calibrate import (
 )
 from sgl_scd.codec import distill, quant
 from sgl_scd.codec import manifest as mf
-from sgl_scd.codec.codec import SlotEncoder, fit_slot_encoder
+from sgl_scd.codec.codec import ProducerEncoder, SlotEncoder, fit_slot_encoder
 from sgl_scd.codec.factor import joint_factorization, pca
 from sgl_scd.runinfo import provenance
 
@@ -104,13 +105,13 @@ def main(argv=None):
         print(json.dumps({**row, **provenance(vars(args))}), flush=True)
         print(f"[ablate] {name:<40} dev KL {kl:.4f}  payload {row['payload_ratio']:.3f}x", file=sys.stderr)
 
+    fits = {}  # bits per K/V dim (h slots: 2/3 of that per hidden dim, the pre-2026-11-23 budget)
     for bpd in (2.0, 3.0, 4.0, 6.0):
         bits = {"k": round(bpd * kv), "v": round(bpd * kv), "h": round(bpd * kv * 2)}
-        enc, aff = fit_codec(train, bits, theta, 1e-3)
+        fits[bpd] = enc, aff = fit_codec(train, bits, theta, 1e-3)
         kl, bt = kl_of(enc, aff, [], cons, ident, dev, hidden)
         emit(f"reuse producer-pca {bpd} bits/dim", kl, bt, bits_per_dim=bpd, basis="producer-pca")
-        if bpd == 3.0:
-            base_enc, base_aff = enc, aff
+    base_enc, base_aff = fits[3.0]
     bits3 = {"k": 3 * kv, "v": 3 * kv, "h": 6 * kv}
     enc, aff = fit_codec(train, bits3, theta, 1e-3, joint_encoder, kinds=("k", "v"))
     emit("reuse joint-svd 3.0 bits/dim", *kl_of(enc, aff, [], cons, ident, dev, hidden), basis="joint")
@@ -125,6 +126,18 @@ def main(argv=None):
         patch = sorted(layer for layer, _ in ranked[:k])
         emit(f"patch top-{k} {patch}", *kl_of(base_enc, base_aff, patch, cons, ident, dev, hidden), patch=patch)
     emit("patch every layer", *kl_of(base_enc, base_aff, list(range(ident["num_layers"])), cons, ident, dev, hidden))
+    # top-8 patch set, bits split between reuse (K/V) and patch (h) codes: which buys more KL per bit
+    patch = sorted(layer for layer, _ in ranked[:8])
+    hidden_size = cons.config.hidden_size
+    for kv_bpd in (3.0, 6.0):
+        for h_bpd in (2.0, 4.0):
+            enc_h, aff_h = fits[h_bpd * hidden_size / (2 * kv)]  # the fit whose h budget is h_bpd per hidden dim
+            enc_kv, aff_kv = fits[kv_bpd]
+            enc = ProducerEncoder({s: (enc_h if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
+            aff = {s: (aff_h if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+            emit(f"patch top-8, reuse {kv_bpd} bits/dim, patch {h_bpd} bits/hidden dim",
+                 *kl_of(enc, aff, patch, cons, ident, dev, hidden), patch=patch, bits_per_dim=kv_bpd,
+                 patch_bits_per_dim=h_bpd)
     with open(args.json, "w") as f:
         f.writelines(json.dumps({**r, **provenance(vars(args))}) + "\n" for r in rows)
 

@@ -93,8 +93,19 @@ COLORS = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak
           "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_tail": "navy", "scd_gate": "tab:green"}
 
 
+VARIANT_FAMILIES = ("scd_gate", "scd_tail")  # method names that end in their setting: scd_gate0.2
+
+
+def split_variant(method: str) -> tuple[str, str]:
+    """("scd_gate", "0.2") for "scd_gate0.2"; (method, "") for a method without a setting."""
+    for family in VARIANT_FAMILIES:
+        if method.startswith(family) and method != family:
+            return family, method.removeprefix(family)
+    return method, ""
+
+
 def method_color(method: str) -> str:
-    return COLORS.get(method) or COLORS.get(method.rstrip("0123456789."), "0.3")
+    return COLORS.get(split_variant(method)[0], "0.3")
 
 
 def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
@@ -114,11 +125,11 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
             ax.plot([r["ttft_s"][str(bw)] * 1e3 for r in front], [r["kl"] + 1e-3 for r in front], "--",
                     color="0.6", zorder=1)
             for r in rows:
+                family, setting = split_variant(r["method"])
                 ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=method_color(r["method"]),
-                           label=r["method"], zorder=2, s=40)
-                variant = r["method"].removeprefix("scd_gate").removeprefix("scd_tail")
-                if variant != r["method"]:  # tell the gated / tail variants apart
-                    ax.annotate(variant, (r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3), fontsize=6,
+                           label=family, zorder=2, s=40)
+                if setting:  # one legend entry per family; the points carry their setting
+                    ax.annotate(setting, (r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3), fontsize=6,
                                 xytext=(2, 3), textcoords="offset points")
             ax.set_yscale("log")
             ax.set_title(f"{name} @ {bw} Gbps", fontsize=9)
@@ -126,8 +137,8 @@ def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
             if j == 0:
                 ax.set_ylabel("KL vs oracle + 1e-3", fontsize=8)
             ax.tick_params(labelsize=7)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+    legend = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))  # label -> handle, deduplicated
+    fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=len(legend), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(out, dpi=110)
     log(f"wrote {out}")

@@ -6,7 +6,7 @@
 Steps (each shows progress):
   1. capture both models' prefill on the calibration prompts (train) and held-out prompts (dev);
   2. fit producer encoders per slot (PCA of de-rotated K, V and normalized inputs, bits spread
-     by water-filling under --bits-per-dim) and closed-form (ridge) consumer decoders, on at most
+     by water-filling under --bits-per-dim / --patch-bits-per-dim) and closed-form (ridge) consumer decoders, on at most
      --n-fit of the calibration prompts (memory: every slot of both models is kept for those);
   3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
   4. distill the decoders end to end on KL to the consumer's own prefill, on every calibration
@@ -219,7 +219,7 @@ def calibrate(args) -> Path:
     dev = [capture_pair(producer, consumer, ids, 1, rng) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
     kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
     bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
-            "h": round(args.bits_per_dim * kv_dim * 2)}  # an h slot costs what a k+v pair costs
+            "h": round(args.patch_bits_per_dim * producer.config.hidden_size)}
     kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
     enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge,
                                 kinds=kinds)  # reuse-only adapters need no h encoders
@@ -257,7 +257,8 @@ def calibrate(args) -> Path:
         "consumer": ident,
         "tokenizer": {"digest": mf.tokenizer_digest(tok), "vocab_size": len(tok)},
         "codec": {"version": mf.CODEC_VERSION, "revision": revision, "patch_layers": patch,
-                  "bits_per_dim": args.bits_per_dim, "slots": mf.slot_summary(enc),
+                  "bits_per_dim": args.bits_per_dim, "patch_bits_per_dim": args.patch_bits_per_dim,
+                  "slots": mf.slot_summary(enc),
                   "bits_per_token": enc.bits_per_token(), "page_size": args.page_size,
                   "payload_bytes_per_token": payload, "raw_kv_bytes_per_token": raw,
                   "payload_ratio": payload / raw, "decoder_hidden": hidden,
@@ -311,6 +312,10 @@ def main(argv=None) -> None:
     p.add_argument("--budget-kl", type=float, default=0.05, help="expected held-out KL budget (default 0.05)")
     p.add_argument("--bits-per-dim", type=float, default=3.0,
                    help="average code bits per K/V dimension (default 3.0 => ~0.19x raw bf16 KV)")
+    p.add_argument("--patch-bits-per-dim", type=float, default=4.0,
+                   help="average code bits per hidden dimension of a patch layer's normalized input (default "
+                        "4.0: a patch layer then costs 2x a reuse layer's K+V codes; patch codes buy more "
+                        "KL per bit than reuse codes, docs/codec.md)")
     p.add_argument("--patch-count", type=int, default=6,
                    help="patch the N layers with the largest held-out gain (default 6; 0 = reuse only)")
     p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
@@ -340,6 +345,8 @@ def main(argv=None) -> None:
     args.name = args.name or Path(args.consumer).name
     if args.bits_per_dim <= 0:
         p.error(f"--bits-per-dim must be > 0, got {args.bits_per_dim}")
+    if args.patch_bits_per_dim <= 0:
+        p.error(f"--patch-bits-per-dim must be > 0, got {args.patch_bits_per_dim}")
     if not 0 < args.long_share < 1:
         p.error(f"--long-share must be in (0, 1), got {args.long_share}")
     if not 0 < args.last_share <= 1:

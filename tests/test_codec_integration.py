@@ -42,6 +42,10 @@ def test_manifest_contract(base, demo_ft, demo_lora, small_adapter, tmp_path):
     assert man["codec"]["payload_ratio"] < 0.25
     assert len(man["codec"]["patch_layers"]) <= 2
     assert (man["calibration"]["n_calib"], man["calibration"]["n_fit"]) == (24, 16)  # distilled on all 24
+    # bit budgets per slot: 3 bits per K/V dim (192), 4 per hidden dim (576) of a patch input
+    bits = {name.rsplit(".", 1)[1]: v["bits"] for name, v in man["codec"]["slots"].items()}
+    assert man["codec"]["patch_bits_per_dim"] == 4.0
+    assert bits["k"] <= 3 * 192 and bits["v"] <= 3 * 192 and 0 < bits["h"] <= 4 * 576
     path = tmp_path / "a"
     mf.save_adapter(path, man, small_adapter.encoder, small_adapter.decoder)
     with pytest.raises(mf.ManifestMismatch, match="consumer.revision"):

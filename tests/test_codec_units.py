@@ -204,3 +204,14 @@ def test_low_rank_delta_merges_into_the_plain_form():
     t.merge_low_rank()
     assert torch.allclose(t(z), before, atol=1e-5)
     assert set(t.state_dict()) == set(Translator(8, 12, hidden=4).state_dict())  # saved format unchanged
+
+
+@pytest.mark.parametrize("flag,value", [("--bits-per-dim", "0.0"), ("--patch-bits-per-dim", "-1.0"),
+                                        ("--last-share", "1.5"), ("--delta-rank", "-2")])
+def test_calibrate_refuses_bad_flags_naming_the_value(flag, value, capsys):
+    from sgl_scd import calibrate
+
+    with pytest.raises(SystemExit):  # argparse error, before any model is loaded
+        calibrate.main(["--consumer", "demo-ft", flag, value])
+    err = capsys.readouterr().err
+    assert flag in err and f"got {value}" in err

@@ -29,6 +29,17 @@ def test_frontier_drops_only_dominated_methods():
     assert front == {"oracle", "fast", "tie"}  # slow_bad is slower and worse than fast; ties dominate nothing
 
 
+def test_plot_names_each_method_family_once(tmp_path):
+    bench = load_script("bench_pareto")
+    assert bench.split_variant("scd_gate0.2") == ("scd_gate", "0.2") and bench.split_variant("scd") == ("scd", "")
+    assert bench.method_color("scd_gate0.5") == bench.COLORS["scd_gate"]
+    rows = [row("oracle", 0.0, 1.0), row("scd", 0.1, 0.1), row("scd_gate0.2", 0.08, 0.2), row("scd_gate0.5", 0.05, 0.4)]
+    for r in rows:
+        r["on_pareto"] = {"1": True, "200": True}
+    bench.plot({"tomi": rows}, [1, 200], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000  # a rendered figure, not an empty canvas
+
+
 def test_table_renders_every_row(tmp_path):
     rows = [row("oracle", 0.0, 1.0, f1=0.8), row("scd", 0.1, 0.1, f1=0.76)]
     for r in rows:

@@ -45,6 +45,12 @@ def position_weights(p: int, last_share: float = 0.15) -> torch.Tensor:
     return w
 
 
+def kl_rows(oracle_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(oracle || softmax(logits)) per row ([..., V] -> [...]), differentiable in logits."""
+    lp = oracle_logp.float()
+    return (lp.exp() * (lp - torch.log_softmax(logits, -1))).sum(-1)
+
+
 def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample],
                weights: list[float], last_share: float = 0.15) -> torch.Tensor:
     """Sum over samples of weight x position-weighted KL(oracle || consumer attending to the
@@ -54,8 +60,7 @@ def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSa
                                     [v for _, v in kv], [s.positions for s in samples])
     total = torch.zeros(())
     for s, w, lg in zip(samples, weights, logits):
-        logp = s.oracle_logp.float()
-        kl = (logp.exp() * (logp - torch.log_softmax(lg, -1))).sum(-1)  # [P]
+        kl = kl_rows(s.oracle_logp, lg)  # [P]
         total = total + w * (kl * position_weights(kl.shape[0], last_share)).sum()
     return total
 
@@ -83,8 +88,7 @@ def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[Distil
         cache = runtime.build_cache(consumer_model, k, v)
         logits = consumer_model(input_ids=torch.tensor([s.ids[-1:]]), position_ids=torch.tensor([[n - 1]]),
                                 past_key_values=cache, use_cache=True).logits[0, -1].float()
-        lp = s.oracle_logp[-1].float()
-        total += float((lp.exp() * (lp - torch.log_softmax(logits, -1))).sum())
+        total += float(kl_rows(s.oracle_logp[-1], logits))
     return total / max(1, len(samples))
 
 
