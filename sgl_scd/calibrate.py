@@ -6,8 +6,9 @@
 Steps (each shows progress):
   1. capture both models' prefill on the calibration prompts (train) and held-out prompts (dev);
   2. fit producer encoders per slot (PCA of de-rotated K, V and normalized inputs, bits spread
-     by water-filling under --bits-per-dim / --patch-bits-per-dim) and closed-form (ridge) consumer decoders, on at most
-     --n-fit of the calibration prompts (memory: every slot of both models is kept for those);
+     by water-filling under --bits-per-dim / --patch-bits-per-dim) and closed-form (ridge)
+     consumer decoders, on at most --n-fit of the calibration prompts (memory: every slot of
+     both models is kept for those);
   3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
   4. distill the decoders end to end on KL to the consumer's own prefill, on every calibration
      prompt (the rest are captured now, keeping only their codes and the oracle's log-probs);
@@ -311,7 +312,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-eval", type=int, default=100, help="held-out QA items for F1 (default 100)")
     p.add_argument("--budget-kl", type=float, default=0.05, help="expected held-out KL budget (default 0.05)")
     p.add_argument("--bits-per-dim", type=float, default=3.0,
-                   help="average code bits per K/V dimension (default 3.0 => ~0.19x raw bf16 KV)")
+                   help="average code bits per K/V dimension of reuse layers (default 3.0; with 8 patch layers "
+                        "at the default --patch-bits-per-dim the payload is ~0.24x raw bf16 KV)")
     p.add_argument("--patch-bits-per-dim", type=float, default=4.0,
                    help="average code bits per hidden dimension of a patch layer's normalized input (default "
                         "4.0: a patch layer then costs 2x a reuse layer's K+V codes; patch codes buy more "
