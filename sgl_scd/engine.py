@@ -69,7 +69,7 @@ class ReuseEngine:
         self.label = adapter_label or adapter.name
         self.page_size = store.identity.page_size
         self.max_new_tokens = max_new_tokens
-        runtime.check_min_margin(min_margin)  # at construction, not on every request
+        runtime.check_min_margin(min_margin)  # fail at construction, not on the first request
         self.min_margin = min_margin
         # Decoders are only trusted on positions calibration saw: longer prefixes reuse that much
         # and prefill the rest (older manifests carry no bound).
