@@ -11,7 +11,8 @@ Steps (each shows progress):
      both models is kept for those);
   3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
   4. distill the decoders end to end on KL to the consumer's own prefill, on every calibration
-     prompt (the rest are captured now, keeping only their codes and the oracle's log-probs);
+     prompt (the rest are captured now, keeping only their codes and the oracle's log-probs),
+     and with --answer-tokens on the oracle's first answer tokens teacher-forced after it;
   5. measure held-out KL / top-1 / F1 and write adapters/<name>/ (manifest + safetensors).
 The quality budget (--budget-kl) is the expected next-token KL vs the oracle on held-out
 prompts; the manifest records whether the result meets it.
@@ -25,7 +26,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,15 +51,32 @@ class PairCapture:
     consumer: dict[Slot, torch.Tensor]  # consumer targets per slot (K de-rotated), [n, d]
     positions: list[int]  # supervised positions (last = n - 1)
     oracle_logp: torch.Tensor  # [P, V] fp16
+    answer: dict = field(default_factory=dict)  # oracle_answer(): the DistillSample answer_* fields
+
+
+def oracle_answer(consumer, ids: list[int], cap: runtime.PrefillCapture, max_tokens: int) -> dict:
+    """The consumer's own greedy answer to ids (at most max_tokens, stop token excluded), with
+    its K/V and its log-probs after each answer token: what teacher-forced answer supervision
+    needs ({} when the answer is empty)."""
+    n = len(ids)
+    tokens = runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids, cap.k[:, : n - 1],
+                                      cap.v[:, : n - 1], max_new_tokens=max_tokens).tokens
+    if not tokens:
+        return {}
+    ext = runtime.capture_prefill(consumer.model, ids + tokens, hidden=False,
+                                  logits_at=list(range(n, n + len(tokens))))
+    return {"answer": tokens, "answer_k": ext.k[:, n:].half(), "answer_v": ext.v[:, n:].half(),
+            "answer_logp": torch.log_softmax(ext.sel_logits, -1).half()}
 
 
 def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,
-                 slots: list[Slot] | None = None) -> PairCapture:
+                 slots: list[Slot] | None = None, answer_tokens: int = 0) -> PairCapture:
     """Both models' per-slot states for every prompt token, and the oracle's log-probs at
     n_positions sampled positions (always including the last).
 
     slots: only these producer slots and no consumer targets (all that distilling an already
-    fitted codec needs)."""
+    fitted codec needs). answer_tokens: also capture the oracle's first answer tokens
+    (oracle_answer)."""
     n = len(ids)
     positions = sorted(rng.sample(range(n - 1), min(n_positions - 1, n - 1))) + [n - 1]
     fit = slots is None
@@ -74,6 +92,7 @@ def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,
         consumer={s: slot_input(cc, s, ck).half() for s in slots} if fit else {},
         positions=positions,
         oracle_logp=torch.log_softmax(cc.sel_logits, -1).half(),
+        answer=oracle_answer(consumer, ids, cc, answer_tokens) if answer_tokens > 0 else {},
     )
 
 
@@ -140,7 +159,7 @@ def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: 
 
 def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[distill.DistillSample]:
     return [distill.DistillSample(c.ids, {s: e.dequantize(e.encode(c.producer[s].float())) for s, e in enc.slots.items()},
-                                  c.positions, c.oracle_logp) for c in caps]
+                                  c.positions, c.oracle_logp, **c.answer) for c in caps]
 
 
 def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
@@ -215,7 +234,7 @@ def calibrate(args) -> Path:
     fit_idx = fit_subset(len(train_rows), args.n_fit)
     fit_set = set(fit_idx)
     rest_rows = [r for i, r in enumerate(train_rows) if i not in fit_set]
-    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng)
+    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng, answer_tokens=args.answer_tokens)
              for i in tqdm(fit_idx, desc="capture train", file=sys.stderr)]
     dev = [capture_pair(producer, consumer, ids, 1, rng) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
     kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
@@ -243,10 +262,11 @@ def calibrate(args) -> Path:
     train_s, dev_s = distill_samples(enc, train), distill_samples(enc, dev)
     del train, dev
     for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
-        train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots))])
+        train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots),
+                                                      args.answer_tokens)])
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
                              delta_rank=args.delta_rank, long_share=args.long_share,
-                             last_share=args.last_share, log=log)
+                             last_share=args.last_share, answer_share=args.answer_share, log=log)
     dec.eval().requires_grad_(False)
     revision = mf.encoder_revision(enc)
     raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
@@ -271,7 +291,8 @@ def calibrate(args) -> Path:
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
                         "delta_rank": args.delta_rank, "long_share": args.long_share,
-                        "last_share": args.last_share,
+                        "last_share": args.last_share, "answer_tokens": args.answer_tokens,
+                        "answer_share": args.answer_share,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
     }
     out = Path(args.out or ADAPTERS_DIR / args.name)
@@ -279,7 +300,7 @@ def calibrate(args) -> Path:
     adapter = mf.load_adapter(out, producer, consumer)
     if eval_items:
         q = heldout_quality(producer, consumer, adapter, eval_items)
-        man["heldout"] = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer")}
+        man["heldout"] = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer", "kl_second", "n_second")}
     else:
         # the budget is an expectation over prompts: the pooled mean, not the per-group selection score
         man["heldout"] = {"kl": distill.last_token_kl(consumer.model, dec, dev_s), "n": len(dev_s)}
@@ -336,6 +357,12 @@ def main(argv=None) -> None:
     p.add_argument("--last-share", type=float, default=0.15,
                    help="share of each prompt's loss on its last position, the first answer token (what "
                         "serving is judged on); the other sampled positions share the rest (default 0.15)")
+    p.add_argument("--answer-tokens", type=int, default=0,
+                   help="also supervise the consumer's own first N greedy answer tokens, teacher-forced after "
+                        "each calibration prompt, so multi-token answers keep agreeing after their first token "
+                        "(default 0: prompt positions only)")
+    p.add_argument("--answer-share", type=float, default=0.15,
+                   help="share of each prompt's loss on those answer tokens (default 0.15)")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
@@ -353,6 +380,10 @@ def main(argv=None) -> None:
         p.error(f"--long-share must be in (0, 1), got {args.long_share}")
     if not 0 < args.last_share <= 1:
         p.error(f"--last-share must be in (0, 1], got {args.last_share}")
+    if args.answer_tokens < 0:
+        p.error(f"--answer-tokens must be >= 0, got {args.answer_tokens}")
+    if not 0 <= args.answer_share < 1:
+        p.error(f"--answer-share must be in [0, 1), got {args.answer_share}")
     if args.n_fit < 1:
         p.error(f"--n-fit must be >= 1, got {args.n_fit}")
     if args.delta_rank < 0:

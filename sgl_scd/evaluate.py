@@ -84,7 +84,8 @@ def evaluate(producer_model: LoadedModel, consumer_model: LoadedModel, items: li
         outs = {name: fn(p) for name, fn in methods.items()}
         ref = outs["oracle"]
         for name, out in outs.items():
-            scores[name].add(out.text, out.first_logits, item.answer, ref.text, ref.first_logits)
+            scores[name].add(out.text, out.first_logits, item.answer, ref.text, ref.first_logits,
+                             out.second_logits, ref.second_logits)
         if on_item is not None:
             on_item(p, outs)
     return [s.summary() for s in scores.values()]

@@ -1,7 +1,9 @@
 """Quality metrics against the oracle (the consumer's own prefill) and the gold answer.
 
 Answer metrics follow SQuAD's normalization (lowercase, drop punctuation and articles, squash
-whitespace). Distribution metrics compare next-token distributions of the first answer token.
+whitespace). Distribution metrics compare next-token distributions of the first answer token;
+kl_second compares those of the second one, on the items whose first answer token agrees with
+the oracle's (multi-token answers can keep the first token and drift after it).
 Noise: at n=100 the standard error of F1 is ~0.05; KL, top-1 and same-answer are the
 low-variance signals, F1 differences of a few percent need n >= 500.
 """
@@ -66,13 +68,18 @@ class MethodScore:
     kl: list[float] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
     same: list[float] = field(default_factory=list)
+    kl_second: list[float] = field(default_factory=list)  # only items whose first answer token agrees
 
-    def add(self, text: str, logits: torch.Tensor, gold: str, oracle_text: str, oracle_logits) -> None:
+    def add(self, text: str, logits: torch.Tensor, gold: str, oracle_text: str, oracle_logits,
+            second_logits: torch.Tensor | None = None, oracle_second_logits: torch.Tensor | None = None) -> None:
+        """One item; the second-token logits count only when the first answer tokens agree."""
         self.f1.append(token_f1(text, gold))
         self.em.append(exact_match(text, gold))
         self.kl.append(kl_divergence(oracle_logits, logits))
         self.top1.append(float(int(logits.argmax()) == int(oracle_logits.argmax())))
         self.same.append(float(normalize_answer(text) == normalize_answer(oracle_text)))
+        if self.top1[-1] and second_logits is not None and oracle_second_logits is not None:
+            self.kl_second.append(kl_divergence(oracle_second_logits, second_logits))
 
     def summary(self) -> dict:
         n = len(self.f1)
@@ -83,4 +90,6 @@ class MethodScore:
         f1 = mean(self.f1)
         f1_se = math.sqrt(sum((x - f1) ** 2 for x in self.f1) / (n - 1) / n) if n > 1 else float("nan")
         return {"method": self.method, "n": n, "f1": f1, "f1_se": f1_se, "em": mean(self.em),
-                "kl": mean(self.kl), "top1": mean(self.top1), "same_answer": mean(self.same)}
+                "kl": mean(self.kl), "top1": mean(self.top1), "same_answer": mean(self.same),
+                "kl_second": sum(self.kl_second) / len(self.kl_second) if self.kl_second else float("nan"),
+                "n_second": len(self.kl_second)}

@@ -50,6 +50,7 @@ class Continuation:
     forward_s: float  # time of the suffix forward that produced first_logits (+ the fallback prefill)
     timings: dict = field(default_factory=dict)
     fell_back: bool = False  # the given K/V were dropped for a prefill (min_margin)
+    second_logits: torch.Tensor | None = None  # [V] after the first answer token (None if it was a stop)
 
 
 def _layers(model):
@@ -140,9 +141,9 @@ def continue_from_kv(
     if fell_back:
         cache, first_logits, prefill_s = _extend(model, ids, None, None)
         forward_s += prefill_s
-    tokens = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
+    tokens, second_logits = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
     return Continuation(first_logits=first_logits, tokens=tokens, forward_s=forward_s, fell_back=fell_back,
-                        text=tokenizer.decode(tokens, skip_special_tokens=True))
+                        text=tokenizer.decode(tokens, skip_special_tokens=True), second_logits=second_logits)
 
 
 def check_min_margin(min_margin: float) -> None:
@@ -161,10 +162,13 @@ def _extend(model, ids, k, v) -> tuple[DynamicCache, torch.Tensor, float]:
     return cache, out.logits[0, -1].float(), time.perf_counter() - t0
 
 
-def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tokens: int) -> list[int]:
-    """Greedy answer tokens from the first answer token's logits until a stop token."""
+def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tokens: int
+            ) -> tuple[list[int], torch.Tensor | None]:
+    """Greedy answer tokens from the first answer token's logits until a stop token, and the
+    logits after the first answer token (None when it is a stop token)."""
     stop = _stop_ids(tokenizer)
     tokens: list[int] = []
+    second = None
     for _ in range(max_new_tokens):
         nxt = int(logits.argmax())
         if nxt in stop:
@@ -173,8 +177,10 @@ def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tok
         out = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]),
                     past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1]
+        if second is None:
+            second = logits.float()
         pos += 1
-    return tokens
+    return tokens, second
 
 
 class _ReplacedKV(DynamicCache):

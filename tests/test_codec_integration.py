@@ -97,3 +97,26 @@ def test_kivi4_constant_groups_stay_finite():
     kh, vh, _ = baselines.kivi_quantize(k, v, 4)
     assert torch.isfinite(kh).all() and torch.isfinite(vh).all()
     assert torch.allclose(kh, k, atol=1e-3) and torch.allclose(vh, v)
+
+
+def test_answer_supervision_matches_the_oracle_with_its_own_kv(demo_ft):
+    """The teacher-forced answer capture is consistent with the serving path: its tokens are the
+    oracle's greedy answer, and the distillation forward (runtime.logits_with_kv) given the
+    consumer's own K/V for the prompt reproduces the oracle's log-probs after each answer token.
+    Tolerance 1e-2 nats: the log-probs are stored in fp16; a wrong position or K/V offset gives
+    KL of order 1."""
+    from sgl_scd.calibrate import oracle_answer
+    from sgl_scd.codec.distill import kl_rows
+
+    ids = data.prompt_ids(demo_ft.tokenizer, data.load_tomi("test")[3])
+    n = len(ids)
+    cap = runtime.capture_prefill(demo_ft.model, ids, hidden=False)
+    ans = oracle_answer(demo_ft, ids, cap, 3)
+    assert 1 <= len(ans["answer"]) <= 3
+    assert ans["answer"] == runtime.continue_from_kv(demo_ft.model, demo_ft.tokenizer, ids).tokens[:3]
+    with torch.no_grad():
+        (logits,) = runtime.logits_with_kv(demo_ft.model, [ids + ans["answer"]],
+                                           [torch.cat([cap.k, ans["answer_k"].to(cap.k.dtype)], 1)],
+                                           [torch.cat([cap.v, ans["answer_v"].to(cap.v.dtype)], 1)],
+                                           [list(range(n, n + len(ans["answer"])))])
+    assert float(kl_rows(ans["answer_logp"], logits).max()) < 1e-2

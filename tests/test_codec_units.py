@@ -145,6 +145,16 @@ def test_position_weights_keep_the_last_share():
     assert position_weights(1).tolist() == [1.0]
 
 
+def test_position_weights_give_answer_tokens_their_share():
+    from sgl_scd.codec.distill import position_weights
+
+    w = position_weights(24, 0.15, n_answer=3, answer_share=0.2)
+    assert w.shape == (27,) and abs(float(w.sum()) - 1) < 1e-6
+    assert torch.allclose(w[24:], torch.full((3,), 0.2 / 3))  # the answer tokens share answer_share
+    assert abs(float(w[23]) - 0.15 * 0.8) < 1e-6  # the prompt positions keep their split of the rest
+    assert torch.equal(position_weights(24, 0.15, n_answer=0, answer_share=0.2), position_weights(24, 0.15))
+
+
 def test_length_groups_split_short_and_long_prompts():
     from sgl_scd.codec.distill import LONG_PROMPT_TOKENS, DistillSample, length_groups
 
@@ -207,7 +217,8 @@ def test_low_rank_delta_merges_into_the_plain_form():
 
 
 @pytest.mark.parametrize("flag,value", [("--bits-per-dim", "0.0"), ("--patch-bits-per-dim", "-1.0"),
-                                        ("--last-share", "1.5"), ("--delta-rank", "-2")])
+                                        ("--last-share", "1.5"), ("--delta-rank", "-2"),
+                                        ("--answer-tokens", "-1"), ("--answer-share", "1.0")])
 def test_calibrate_refuses_bad_flags_naming_the_value(flag, value, capsys):
     from sgl_scd import calibrate
 

@@ -49,3 +49,17 @@ def test_method_score_summary():
     row = s.summary()
     assert row["n"] == 2 and row["f1"] == 0.5 and row["same_answer"] == 0.5 and row["top1"] == 0.5
     assert row["kl"] > 0
+
+
+def test_method_score_kl_second_only_where_the_first_token_agrees():
+    s = MethodScore("x")
+    first = torch.tensor([0.0, 5.0])
+    oracle_second, drifted = torch.tensor([4.0, 0.0]), torch.tensor([0.0, 4.0])
+    s.add("red box", first, "red box", "red box", first, oracle_second, oracle_second)  # agrees: KL 0
+    s.add("red crate", first, "red box", "red box", first, drifted, oracle_second)  # drifts after token 1
+    s.add("box", torch.tensor([5.0, 0.0]), "red box", "red box", first, drifted, oracle_second)  # token 1 differs
+    s.add("red", first, "red", "red", first)  # no second token logits: not counted
+    row = s.summary()
+    assert row["n_second"] == 2  # the third item's first token differs, the fourth has none
+    assert math.isclose(row["kl_second"], kl_divergence(oracle_second, drifted) / 2, rel_tol=1e-9)
+    assert MethodScore("y").summary()["n_second"] == 0

@@ -7,7 +7,9 @@ at sampled positions (24 by default; the last one keeps last_share, 15% by defau
 the consumer's own prefill. Long prompts are a few percent of the samples; group_weights lets
 them carry a chosen share of the loss instead.
 Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
-few hundred prompts from overfitting. Only the decoder learns; the codes are the exact
+few hundred prompts from overfitting. Optionally the oracle's own greedy answer tokens are
+appended (teacher-forced, with the oracle's K/V) and their positions supervised too, so the
+rebuilt cache is also trained on what the answer's later tokens read from it (answer_share). Only the decoder learns; the codes are the exact
 quantized codes served later.
 Model selection uses the exact serving path (last_token_kl) on held-out prompts, scored per
 length group (dev_score): a pooled mean over ~100-token and ~1k-token prompts lets one group hide
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -33,16 +35,26 @@ class DistillSample:
     z: dict[Slot, torch.Tensor]  # dequantized codes of every prompt token, {slot: [n, r]}
     positions: list[int]  # supervised prompt positions; the last one is n - 1
     oracle_logp: torch.Tensor  # [P, V] the consumer's own log-probs there (fp16 to save memory)
+    answer: list[int] = field(default_factory=list)  # the oracle's greedy answer tokens, teacher-forced
+    answer_k: torch.Tensor | None = None  # [L, A, H_kv, D] the oracle's K/V of those tokens (fp16)
+    answer_v: torch.Tensor | None = None
+    answer_logp: torch.Tensor | None = None  # [A, V] the oracle's log-probs after each of them (fp16)
 
 
-def position_weights(p: int, last_share: float = 0.15) -> torch.Tensor:
-    """Weights summing to 1: the first answer token (last position) keeps last_share whatever the
-    number of sampled positions (it matters most); the others share the rest equally."""
+def position_weights(p: int, last_share: float = 0.15, n_answer: int = 0, answer_share: float = 0.0
+                     ) -> torch.Tensor:
+    """Weights summing to 1 over p prompt positions then n_answer answer positions: the answer
+    positions share answer_share equally (when there are any); of the rest, the first answer token
+    (last prompt position) keeps last_share whatever the number of sampled positions (it matters
+    most) and the other prompt positions share what is left equally."""
     if p == 1:
-        return torch.ones(1)
-    w = torch.full((p,), (1.0 - last_share) / (p - 1))
-    w[-1] = last_share
-    return w
+        w = torch.ones(1)
+    else:
+        w = torch.full((p,), (1.0 - last_share) / (p - 1))
+        w[-1] = last_share
+    if n_answer == 0:
+        return w
+    return torch.cat([w * (1.0 - answer_share), torch.full((n_answer,), answer_share / n_answer)])
 
 
 def kl_rows(oracle_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -51,17 +63,26 @@ def kl_rows(oracle_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - torch.log_softmax(logits, -1))).sum(-1)
 
 
+def _with_answer(s: DistillSample, k: torch.Tensor, v: torch.Tensor):
+    """(ids, k, v, positions, oracle log-probs) of the prompt followed by its teacher-forced answer."""
+    if not s.answer:
+        return s.ids, k, v, s.positions, s.oracle_logp
+    n = len(s.ids)
+    return (s.ids + s.answer, torch.cat([k, s.answer_k.to(k.dtype)], 1), torch.cat([v, s.answer_v.to(v.dtype)], 1),
+            s.positions + list(range(n, n + len(s.answer))), torch.cat([s.oracle_logp, s.answer_logp]))
+
+
 def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample],
-               weights: list[float], last_share: float = 0.15) -> torch.Tensor:
+               weights: list[float], last_share: float = 0.15, answer_share: float = 0.0) -> torch.Tensor:
     """Sum over samples of weight x position-weighted KL(oracle || consumer attending to the
     rebuilt K/V), the samples run as one forward."""
-    kv = [decoder.rebuild(consumer_model, s.z) for s in samples]
-    logits = runtime.logits_with_kv(consumer_model, [s.ids for s in samples], [k for k, _ in kv],
-                                    [v for _, v in kv], [s.positions for s in samples])
+    ids, k, v, positions, oracle_logp = zip(*(_with_answer(s, *decoder.rebuild(consumer_model, s.z))
+                                              for s in samples))
+    logits = runtime.logits_with_kv(consumer_model, list(ids), list(k), list(v), list(positions))
     total = torch.zeros(())
-    for s, w, lg in zip(samples, weights, logits):
-        kl = kl_rows(s.oracle_logp, lg)  # [P]
-        total = total + w * (kl * position_weights(kl.shape[0], last_share)).sum()
+    for s, w, lg, lp in zip(samples, weights, logits, oracle_logp):
+        kl = kl_rows(lp, lg)  # [P + A]
+        total = total + w * (kl * position_weights(len(s.positions), last_share, len(s.answer), answer_share)).sum()
     return total
 
 
@@ -133,14 +154,15 @@ def _fmt(by_group: dict) -> str:
 
 def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample], dev: list[DistillSample],
             *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, delta_rank: int = 0,
-            long_share: float | None = None, last_share: float = 0.15, max_tokens: int = 1024,
-            log=print) -> dict:
+            long_share: float | None = None, last_share: float = 0.15, answer_share: float = 0.15,
+            max_tokens: int = 1024, log=print) -> dict:
     """Train decoder in place; keeps the parameters of the epoch with the best dev_score.
 
     delta_rank > 0 trains only a rank-delta_rank correction of each affine map (plus biases and
     the patch MLPs) instead of the whole map: far fewer parameters for the same data.
     long_share: the long prompts' share of the loss (group_weights); last_share: each prompt's
-    loss share on its first answer token (position_weights); max_tokens: padded tokens
+    loss share on its first answer token and answer_share that on its teacher-forced answer
+    tokens, if the samples carry any (position_weights); max_tokens: padded tokens
     per forward (micro_batches; the gradient is the same, short prompts just run together)."""
     g = torch.Generator().manual_seed(seed)
     weights = group_weights(train, long_share)
@@ -165,10 +187,10 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
                       leave=False):
             opt.zero_grad(set_to_none=True)
             chunk = order[i : i + batch]
-            for mb in micro_batches([len(train[j].ids) for j in chunk], max_tokens):
+            for mb in micro_batches([len(train[j].ids) + len(train[j].answer) for j in chunk], max_tokens):
                 js = [chunk[m] for m in mb]
                 loss = batch_loss(consumer_model, decoder, [train[j] for j in js], [weights[j] for j in js],
-                                  last_share) / len(chunk)
+                                  last_share, answer_share) / len(chunk)
                 loss.backward()
                 running += loss.item() * len(chunk)
             opt.step()
