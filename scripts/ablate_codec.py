@@ -105,10 +105,12 @@ def main(argv=None):
         print(json.dumps({**row, **provenance(vars(args))}), flush=True)
         print(f"[ablate] {name:<40} dev KL {kl:.4f}  payload {row['payload_ratio']:.3f}x", file=sys.stderr)
 
-    fits = {}  # bits per K/V dim (h slots: 2/3 of that per hidden dim, the pre-2026-11-23 budget)
+    fits = {}  # bits per K/V dim
+    h_fits = {}  # h slots by their bit budget: each reuse fit brings one (2 x its K/V budget)
     for bpd in (2.0, 3.0, 4.0, 6.0):
         bits = {"k": round(bpd * kv), "v": round(bpd * kv), "h": round(bpd * kv * 2)}
         fits[bpd] = enc, aff = fit_codec(train, bits, theta, 1e-3)
+        h_fits[bits["h"]] = fits[bpd]
         kl, bt = kl_of(enc, aff, [], cons, ident, dev, hidden)
         emit(f"reuse producer-pca {bpd} bits/dim", kl, bt, bits_per_dim=bpd, basis="producer-pca")
     base_enc, base_aff = fits[3.0]
@@ -129,9 +131,16 @@ def main(argv=None):
     # top-8 patch set, bits split between reuse (K/V) and patch (h) codes: which buys more KL per bit
     patch = sorted(layer for layer, _ in ranked[:8])
     hidden_size = cons.config.hidden_size
+
+    def h_fit(h_bpd):  # encoders + decoders of h slots at h_bpd bits per hidden dim, fitted once
+        b = round(h_bpd * hidden_size)
+        if b not in h_fits:
+            h_fits[b] = fit_codec(train, {"k": 0, "v": 0, "h": b}, theta, 1e-3, kinds=("h",))
+        return h_fits[b]
+
     for kv_bpd in (3.0, 6.0):
         for h_bpd in (2.0, 4.0):
-            enc_h, aff_h = fits[h_bpd * hidden_size / (2 * kv)]  # the fit whose h budget is h_bpd per hidden dim
+            enc_h, aff_h = h_fit(h_bpd)
             enc_kv, aff_kv = fits[kv_bpd]
             enc = ProducerEncoder({s: (enc_h if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
             aff = {s: (aff_h if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
