@@ -9,8 +9,8 @@ them carry a chosen share of the loss instead.
 Supervising many positions, not only the few chat-template tokens at the end, is what keeps a
 few hundred prompts from overfitting. Optionally the oracle's own greedy answer tokens are
 appended (teacher-forced, with the oracle's K/V) and their positions supervised too, so the
-rebuilt cache is also trained on what the answer's later tokens read from it (answer_share). Only the decoder learns; the codes are the exact
-quantized codes served later.
+rebuilt cache is also trained on what the answer's later tokens read from it (answer_share).
+Only the decoder learns; the codes are the exact quantized codes served later.
 Model selection uses the exact serving path (last_token_kl) on held-out prompts, scored per
 length group (dev_score): a pooled mean over ~100-token and ~1k-token prompts lets one group hide
 the other's regression.
