@@ -215,7 +215,7 @@ def main(argv=None) -> None:
             for r in rows:
                 f.write(json.dumps({**r, **provenance(config)}) + "\n")
                 f.flush()
-                log(f"{name:>6} {r['method']:>10} f1={r['f1']:.3f} kl={r['kl']:.4f} kl2={r['kl_second']:.4f} same={r['same_answer']:.3f} "
+                log(f"{name:>6} {r['method']:>10} f1={r['f1']:.3f} kl={r['kl']:.4f} kl_ans={r['kl_answer']:.4f} same={r['same_answer']:.3f} "
                     f"payload={r['payload_ratio']:.3f}x compute={r['compute_ratio_vs_prefill']:.3f}x "
                     f"prefilled={r['fallback_rate']:.2f} "
                     f"ttft@200={r['ttft_s'].get('200', float('nan')) * 1e3:.1f}ms")

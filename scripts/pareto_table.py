@@ -3,8 +3,8 @@
 
   python scripts/pareto_table.py out/pareto.jsonl [--bandwidths 1,25,200]
 
-Columns: F1 and F1 / oracle F1, KL vs the oracle (first answer token; "KL 2nd": the second
-answer token, on the items whose first agrees with the oracle's), top-1 and same-answer agreement, payload
+Columns: F1 and F1 / oracle F1, KL vs the oracle (first answer token; "KL ans": summed over the
+answer's later tokens where the first agrees, quality.answer_kl), top-1 and same-answer agreement, payload
 relative to raw bf16 KV, (rebuild + suffix forward) / oracle prefill (the gate's fallback
 prefills included), the fraction of requests the gate prefilled, rebuild time, TTFT at the
 chosen bandwidths, and whether the method is on the quality-TTFT Pareto frontier at every
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def table(rows: list[dict], bandwidths: list[str]) -> str:
-    head = ["set", "method", "n", "F1", "F1/oracle", "KL", "KL 2nd", "top-1", "same", "payload/raw",
+    head = ["set", "method", "n", "F1", "F1/oracle", "KL", "KL ans", "top-1", "same", "payload/raw",
             "(rebuild+suffix)/prefill", "prefilled", "rebuild"] + [f"TTFT@{bw}" for bw in bandwidths] + ["Pareto@<=200"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     oracle_f1 = {r["dataset"]: r["f1"] for r in rows if r["method"] == "oracle"}
@@ -27,7 +27,7 @@ def table(rows: list[dict], bandwidths: list[str]) -> str:
         ref = oracle_f1.get(r["dataset"]) or float("nan")
         front = all(v for bw, v in r["on_pareto"].items() if int(bw) <= 200)
         cells = [r["dataset"], r["method"], str(r["n"]), f"{r['f1']:.3f}", f"{r['f1'] / ref:.2f}",
-                 f"{r['kl']:.3f}", f"{r.get('kl_second', float('nan')):.3f}", f"{r['top1']:.2f}", f"{r['same_answer']:.2f}", f"{r['payload_ratio']:.3f}",
+                 f"{r['kl']:.3f}", f"{r.get('kl_answer', float('nan')):.3f}", f"{r['top1']:.2f}", f"{r['same_answer']:.2f}", f"{r['payload_ratio']:.3f}",
                  f"{r['compute_ratio_vs_prefill']:.3f}", f"{r.get('fallback_rate', 0.0):.2f}", f"{r['rebuild_s'] * 1e3:.0f} ms"]
         cells += [f"{r['ttft_s'][bw] * 1e3:.0f} ms" for bw in bandwidths]
         out.append("| " + " | ".join(cells + ["yes" if front else "no"]) + " |")

@@ -300,7 +300,7 @@ def calibrate(args) -> Path:
     adapter = mf.load_adapter(out, producer, consumer)
     if eval_items:
         q = heldout_quality(producer, consumer, adapter, eval_items)
-        man["heldout"] = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer", "kl_second", "n_second")}
+        man["heldout"] = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer", "kl_answer", "n_answer")}
     else:
         # the budget is an expectation over prompts: the pooled mean, not the per-group selection score
         man["heldout"] = {"kl": distill.last_token_kl(consumer.model, dec, dev_s), "n": len(dev_s)}

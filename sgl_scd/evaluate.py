@@ -18,7 +18,7 @@ from tqdm import tqdm
 from sgl_scd import runtime
 from sgl_scd.data import QAItem, prompt_ids
 from sgl_scd.models import LoadedModel
-from sgl_scd.quality import MethodScore
+from sgl_scd.quality import MethodScore, answer_kl
 
 
 @dataclass
@@ -85,7 +85,7 @@ def evaluate(producer_model: LoadedModel, consumer_model: LoadedModel, items: li
         ref = outs["oracle"]
         for name, out in outs.items():
             scores[name].add(out.text, out.first_logits, item.answer, ref.text, ref.first_logits,
-                             out.second_logits, ref.second_logits)
+                             answer_kl(out.tokens, out.later_logits, ref.tokens, ref.later_logits))
         if on_item is not None:
             on_item(p, outs)
     return [s.summary() for s in scores.values()]

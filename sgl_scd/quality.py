@@ -2,8 +2,9 @@
 
 Answer metrics follow SQuAD's normalization (lowercase, drop punctuation and articles, squash
 whitespace). Distribution metrics compare next-token distributions of the first answer token;
-kl_second compares those of the second one, on the items whose first answer token agrees with
-the oracle's (multi-token answers can keep the first token and drift after it).
+kl_answer sums the KL over the answer's later tokens along the oracle's answer, on the items
+whose first answer token agrees (multi-token answers such as Hi-ToM's red_container can keep
+the first token and drift after it).
 Noise: at n=100 the standard error of F1 is ~0.05; KL, top-1 and same-answer are the
 low-variance signals, F1 differences of a few percent need n >= 500.
 """
@@ -52,6 +53,21 @@ def kl_divergence(oracle_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum().clamp_min(0.0))
 
 
+def answer_kl(tokens: list[int], later_logits: list[torch.Tensor], oracle_tokens: list[int],
+              oracle_later_logits: list[torch.Tensor]) -> float | None:
+    """KL summed over an answer's later tokens (the second one on, the end of the answer
+    included) along the oracle's greedy answer: step i counts while the answer so far equals the
+    oracle's, so both distributions condition on the same prefix. None when the first answer
+    tokens differ or an answer has no later step."""
+    total, steps = 0.0, 0
+    for i in range(min(len(later_logits), len(oracle_later_logits))):
+        if tokens[: i + 1] != oracle_tokens[: i + 1]:  # later_logits[i] follows tokens[: i + 1]
+            break
+        total += kl_divergence(oracle_later_logits[i], later_logits[i])
+        steps += 1
+    return total if steps else None
+
+
 def top2_margin(logits: torch.Tensor) -> float:
     """Top-1 minus top-2 probability of a logit vector [V]: how near a tie the choice is."""
     top = torch.softmax(logits.float(), -1).topk(2).values
@@ -68,18 +84,18 @@ class MethodScore:
     kl: list[float] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
     same: list[float] = field(default_factory=list)
-    kl_second: list[float] = field(default_factory=list)  # only items whose first answer token agrees
+    kl_answer: list[float] = field(default_factory=list)  # answer_kl, where it is defined
 
     def add(self, text: str, logits: torch.Tensor, gold: str, oracle_text: str, oracle_logits,
-            second_logits: torch.Tensor | None = None, oracle_second_logits: torch.Tensor | None = None) -> None:
-        """One item; the second-token logits count only when the first answer tokens agree."""
+            kl_answer: float | None = None) -> None:
+        """One item; kl_answer is answer_kl's value (None: not defined for this item)."""
         self.f1.append(token_f1(text, gold))
         self.em.append(exact_match(text, gold))
         self.kl.append(kl_divergence(oracle_logits, logits))
         self.top1.append(float(int(logits.argmax()) == int(oracle_logits.argmax())))
         self.same.append(float(normalize_answer(text) == normalize_answer(oracle_text)))
-        if self.top1[-1] and second_logits is not None and oracle_second_logits is not None:
-            self.kl_second.append(kl_divergence(oracle_second_logits, second_logits))
+        if kl_answer is not None:
+            self.kl_answer.append(kl_answer)
 
     def summary(self) -> dict:
         n = len(self.f1)
@@ -91,5 +107,5 @@ class MethodScore:
         f1_se = math.sqrt(sum((x - f1) ** 2 for x in self.f1) / (n - 1) / n) if n > 1 else float("nan")
         return {"method": self.method, "n": n, "f1": f1, "f1_se": f1_se, "em": mean(self.em),
                 "kl": mean(self.kl), "top1": mean(self.top1), "same_answer": mean(self.same),
-                "kl_second": sum(self.kl_second) / len(self.kl_second) if self.kl_second else float("nan"),
-                "n_second": len(self.kl_second)}
+                "kl_answer": sum(self.kl_answer) / len(self.kl_answer) if self.kl_answer else float("nan"),
+                "n_answer": len(self.kl_answer)}

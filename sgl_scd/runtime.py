@@ -50,7 +50,7 @@ class Continuation:
     forward_s: float  # time of the suffix forward that produced first_logits (+ the fallback prefill)
     timings: dict = field(default_factory=dict)
     fell_back: bool = False  # the given K/V were dropped for a prefill (min_margin)
-    second_logits: torch.Tensor | None = None  # [V] after the first answer token (None if it was a stop)
+    later_logits: list[torch.Tensor] = field(default_factory=list)  # [V] after each answer token fed back
 
 
 def _layers(model):
@@ -141,9 +141,9 @@ def continue_from_kv(
     if fell_back:
         cache, first_logits, prefill_s = _extend(model, ids, None, None)
         forward_s += prefill_s
-    tokens, second_logits = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
+    tokens, later_logits = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
     return Continuation(first_logits=first_logits, tokens=tokens, forward_s=forward_s, fell_back=fell_back,
-                        text=tokenizer.decode(tokens, skip_special_tokens=True), second_logits=second_logits)
+                        text=tokenizer.decode(tokens, skip_special_tokens=True), later_logits=later_logits)
 
 
 def check_min_margin(min_margin: float) -> None:
@@ -163,12 +163,12 @@ def _extend(model, ids, k, v) -> tuple[DynamicCache, torch.Tensor, float]:
 
 
 def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tokens: int
-            ) -> tuple[list[int], torch.Tensor | None]:
+            ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy answer tokens from the first answer token's logits until a stop token, and the
-    logits after the first answer token (None when it is a stop token)."""
+    logits after each of them (what the next answer token was chosen from)."""
     stop = _stop_ids(tokenizer)
     tokens: list[int] = []
-    second = None
+    later: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         nxt = int(logits.argmax())
         if nxt in stop:
@@ -177,10 +177,9 @@ def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tok
         out = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]),
                     past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1]
-        if second is None:
-            second = logits.float()
+        later.append(logits.float())
         pos += 1
-    return tokens, second
+    return tokens, later
 
 
 class _ReplacedKV(DynamicCache):

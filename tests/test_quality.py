@@ -4,6 +4,7 @@ import torch
 
 from sgl_scd.quality import (
     MethodScore,
+    answer_kl,
     exact_match,
     kl_divergence,
     normalize_answer,
@@ -51,15 +52,31 @@ def test_method_score_summary():
     assert row["kl"] > 0
 
 
-def test_method_score_kl_second_only_where_the_first_token_agrees():
+
+def test_answer_kl_follows_the_oracle_answer_until_it_diverges():
+    # tokens: red=1, _=2, box=3, crate=4; each later step is a distribution over 5 tokens
+    def step(tok, sure=6.0):
+        x = torch.zeros(5)
+        x[tok] = sure
+        return x
+
+    oracle_tokens, oracle_later = [1, 2, 3], [step(2), step(3), step(0)]  # red _ box <end>
+    assert answer_kl(oracle_tokens, oracle_later, oracle_tokens, oracle_later) == 0.0
+    # drifts at the object: the KL of the "_" step (0) plus that of the step choosing crate; the
+    # step after crate follows a prefix the oracle never saw, so it is not counted
+    drift = [step(2), step(4), step(0)]
+    assert math.isclose(answer_kl([1, 2, 4], drift, oracle_tokens, oracle_later),
+                        kl_divergence(step(3), step(4)), rel_tol=1e-9)
+    assert answer_kl([3], [step(0)], oracle_tokens, oracle_later) is None  # first token differs
+    assert answer_kl([1], [], oracle_tokens, oracle_later) is None  # no later step
+
+
+def test_method_score_averages_kl_answer_where_defined():
     s = MethodScore("x")
-    first = torch.tensor([0.0, 5.0])
-    oracle_second, drifted = torch.tensor([4.0, 0.0]), torch.tensor([0.0, 4.0])
-    s.add("red box", first, "red box", "red box", first, oracle_second, oracle_second)  # agrees: KL 0
-    s.add("red crate", first, "red box", "red box", first, drifted, oracle_second)  # drifts after token 1
-    s.add("box", torch.tensor([5.0, 0.0]), "red box", "red box", first, drifted, oracle_second)  # token 1 differs
-    s.add("red", first, "red", "red", first)  # no second token logits: not counted
+    logits = torch.tensor([0.0, 5.0])
+    s.add("red box", logits, "red box", "red box", logits, 0.0)
+    s.add("red crate", logits, "red box", "red box", logits, 0.4)
+    s.add("box", torch.tensor([5.0, 0.0]), "red box", "red box", logits, None)
     row = s.summary()
-    assert row["n_second"] == 2  # the third item's first token differs, the fourth has none
-    assert math.isclose(row["kl_second"], kl_divergence(oracle_second, drifted) / 2, rel_tol=1e-9)
-    assert MethodScore("y").summary()["n_second"] == 0
+    assert row["n_answer"] == 2 and math.isclose(row["kl_answer"], 0.2)
+    assert MethodScore("y").summary()["n_answer"] == 0
