@@ -49,7 +49,14 @@ def test_table_renders_every_row(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "pareto_table.py"), str(path), "--bandwidths", "200"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 4 and "TTFT@200" in out[0] and "prefilled" in out[0]
-    assert "| tomi | scd | 4 | 0.760 | 0.95 | 0.100 |" in out[3]  # F1 / oracle F1 = 0.76 / 0.8
+    assert "| tomi | scd | 4 | 0.760 | 0.95 | 0.100 | 0.50 |" in out[3]  # F1 / oracle F1 = 0.76 / 0.8
+    assert "KL ans" not in out[0]  # a run from before quality.answer_kl
+    rows[1]["kl_answer"] = 0.02
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "pareto_table.py"), str(path), "--bandwidths", "200"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "KL ans" in out[0] and "| tomi | scd | 4 | 0.760 | 0.95 | 0.100 | 0.020 | 0.50 |" in out[3]
+    assert "| tomi | oracle | 4 | 0.800 | 1.00 | 0.000 | nan |" in out[2]  # not reported for that row
 
 
 def test_answer_flips_buckets_by_oracle_margin():
