@@ -26,7 +26,7 @@ endif
 models: install           ## demo model pair + data into the user cache (~20 min on 2 cores, once)
 	$(BIN)/python -m sgl_scd.models build
 
-adapters: adapters/demo-ft/manifest.json   ## calibrate the demo SCD adapter (~45 min on 2 cores, once)
+adapters: adapters/demo-ft/manifest.json   ## calibrate the demo SCD adapter (~55 min on 2 cores, once)
 
 adapters/demo-ft/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft --n-calib 1024 --n-calib-long 48 --patch-count 8 --epochs 2 --delta-rank 16 --answer-tokens 4
