@@ -68,3 +68,13 @@ def test_answer_flips_buckets_by_oracle_margin():
     assert by["[0.7, 1.0)"]["items"] == 2  # a margin of exactly 1 lands in the last bucket
     assert sum(r["items"] for r in s[:-1]) == by["all"]["items"] == 4
     assert abs(by["all"]["mean_kl"] - 0.155) < 1e-9 and by["all"]["top5pct_kl_share"] == 0.5 / 0.62
+
+
+def test_answer_flips_gate_curve_prefills_the_least_sure_first():
+    rows = [{"kl": 0.5, "flip": True, "scd_margin": 0.05}, {"kl": 0.1, "flip": False, "scd_margin": 0.3},
+            {"kl": 0.02, "flip": False, "scd_margin": 0.9}, {"kl": 0.0, "flip": False, "scd_margin": 1.0}]
+    curve = load_script("answer_flips").gate_curve(rows, "scd_margin", shares=(0.0, 0.25, 0.5))
+    assert [g["prefilled"] for g in curve] == [0.0, 0.25, 0.5]
+    assert abs(curve[0]["mean_kl"] - 0.155) < 1e-9 and curve[0]["flip_rate"] == 0.25  # nothing gated
+    assert abs(curve[1]["mean_kl"] - 0.03) < 1e-9 and curve[1]["flip_rate"] == 0.0  # the flip was the least sure
+    assert abs(curve[2]["mean_kl"] - 0.005) < 1e-9
