@@ -73,7 +73,7 @@ def _with_answer(s: DistillSample, k: torch.Tensor, v: torch.Tensor):
 
 
 def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample],
-               weights: list[float], last_share: float = 0.15, answer_share: float = 0.0) -> torch.Tensor:
+               weights: list[float], last_share: float = 0.15, answer_share: float = 0.15) -> torch.Tensor:
     """Sum over samples of weight x position-weighted KL(oracle || consumer attending to the
     rebuilt K/V), the samples run as one forward."""
     ids, k, v, positions, oracle_logp = zip(*(_with_answer(s, *decoder.rebuild(consumer_model, s.z))
