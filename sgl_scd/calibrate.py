@@ -59,14 +59,13 @@ def oracle_answer(consumer, ids: list[int], cap: runtime.PrefillCapture, max_tok
     its K/V and its log-probs after each answer token: what teacher-forced answer supervision
     needs ({} when the answer is empty)."""
     n = len(ids)
-    tokens = runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids, cap.k[:, : n - 1],
-                                      cap.v[:, : n - 1], max_new_tokens=max_tokens).tokens
-    if not tokens:
+    cont = runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids, cap.k[:, : n - 1],
+                                    cap.v[:, : n - 1], max_new_tokens=max_tokens)
+    if not cont.tokens:
         return {}
-    ext = runtime.capture_prefill(consumer.model, ids + tokens, hidden=False,
-                                  logits_at=list(range(n, n + len(tokens))))
-    return {"answer": tokens, "answer_k": ext.k[:, n:].half(), "answer_v": ext.v[:, n:].half(),
-            "answer_logp": torch.log_softmax(ext.sel_logits, -1).half()}
+    k, v = runtime.extend_kv(consumer.model, ids + cont.tokens, cap.k, cap.v)  # the answer tokens only
+    return {"answer": cont.tokens, "answer_k": k.half(), "answer_v": v.half(),
+            "answer_logp": torch.log_softmax(torch.stack(cont.later_logits), -1).half()}
 
 
 def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,

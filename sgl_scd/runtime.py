@@ -82,14 +82,28 @@ def capture_prefill(model, ids: list[int], *, hidden: bool = True, logits_at: li
     finally:
         for h in hooks:
             h.remove()
-    k = torch.stack([layer.keys[0].transpose(0, 1) for layer in cache.layers])  # [L, T, H, D]
-    v = torch.stack([layer.values[0].transpose(0, 1) for layer in cache.layers])
+    k, v = _cache_kv(cache)
     return PrefillCapture(
         k=k, v=v, h_in=torch.stack(h_in) if hidden else None,
         last_logits=out.logits[0, -1].float(), theta=rope.rope_theta(model.config),
         sel_logits=out.logits[0, logits_at].float().clone() if logits_at else None,
         resid=torch.stack(out.hidden_states[:-1])[:, 0] if residual else None,
     )
+
+
+def _cache_kv(cache: DynamicCache, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [L, T - start, H_kv, D] held by a one-prompt cache, from token `start` on."""
+    k = torch.stack([layer.keys[0, :, start:].transpose(0, 1) for layer in cache.layers])
+    v = torch.stack([layer.values[0, :, start:].transpose(0, 1) for layer in cache.layers])
+    return k, v
+
+
+@torch.inference_mode()
+def extend_kv(model, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (after RoPE) and V [L, len(ids) - T, H_kv, D] of the tokens ids[T:] run on top of k, v
+    covering the first T: what a prefill of ids would hold for them, without redoing the first T."""
+    cache, _, _ = _extend(model, ids, k, v)
+    return _cache_kv(cache, k.shape[1])
 
 
 def build_cache(model, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
