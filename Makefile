@@ -29,10 +29,10 @@ models: install           ## demo model pair + data into the user cache (~20 min
 adapters: adapters/demo-ft/manifest.json   ## calibrate the demo SCD adapter (~55 min on 2 cores, once)
 
 adapters/demo-ft/manifest.json: | models
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft --n-calib 1024 --n-calib-long 48 --patch-count 8 --epochs 2 --delta-rank 16 --answer-tokens 4
+	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft --n-calib 1024 --n-calib-long 48 --patch-count 8 --epochs 2 --delta-rank 16 --answer-tokens 4 --decoder-context kv+h
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline)
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2
+	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
 
 adapters/demo-lora/manifest.json: | models
 	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-lora --name demo-lora

@@ -10,6 +10,8 @@ Steps (each shows progress):
      consumer decoders, on at most --n-fit of the calibration prompts (memory: every slot of
      both models is kept for those);
   3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
+     refit the reuse decoders on their layer's K and V codes and the nearest patch layer's
+     (--decoder-context);
   4. distill the decoders end to end on KL to the consumer's own prefill, on every calibration
      prompt (the rest are captured now, keeping only their codes and the oracle's log-probs),
      and with --answer-tokens on the oracle's first answer tokens teacher-forced after it;
@@ -35,7 +37,14 @@ from tqdm import tqdm
 from sgl_scd import data, evaluate, models, runtime
 from sgl_scd.codec import distill, wire
 from sgl_scd.codec import manifest as mf
-from sgl_scd.codec.codec import ProducerEncoder, Slot, fit_slot_encoder, plan_slots, slot_input
+from sgl_scd.codec.codec import (
+    CONTEXTS,
+    ProducerEncoder,
+    Slot,
+    fit_slot_encoder,
+    plan_slots,
+    slot_input,
+)
 from sgl_scd.codec.factor import ridge
 from sgl_scd.paths import ADAPTERS_DIR
 
@@ -146,14 +155,43 @@ def fit_codec(train: list[PairCapture], bits: dict[str, int], theta: float, ridg
 
 
 def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: dict[str, int],
-                consumer_ident: dict) -> tuple[ProducerEncoder, torch.nn.Module]:
-    """Encoder restricted to a patch plan, and its closed-form-initialized decoder."""
+                consumer_ident: dict, context: str = "own", train: list[PairCapture] | None = None,
+                ridge_lam: float = 1e-3) -> tuple[ProducerEncoder, torch.nn.Module]:
+    """Encoder restricted to a patch plan, and its closed-form-initialized decoder. A context
+    other than "own" refits the translators that read other slots' codes on train (context_affine)."""
     slots = plan_slots(consumer_ident["num_layers"], patch)
     enc = ProducerEncoder({s: encoder_all.slots[s] for s in slots}, encoder_all.theta)
-    dec = mf.build_decoder(enc, hidden, consumer_ident)
+    dec = mf.build_decoder(enc, hidden, consumer_ident, context)
+    if context != "own":
+        if train is None:
+            raise ValueError(f"decoder context {context!r} needs the calibration captures to fit on")
+        affine = {**affine, **context_affine(train, enc, dec.inputs, ridge_lam)}
     for s in slots:
         dec.translator(s).set_affine(*affine[s])
     return enc, dec
+
+
+def context_affine(train: list[PairCapture], enc: ProducerEncoder, inputs: dict[Slot, tuple[Slot, ...]],
+                   ridge_lam: float) -> dict[Slot, tuple[torch.Tensor, torch.Tensor]]:
+    """Ridge decoders (W, b) for the slots whose translator reads several slots' codes, each on
+    those codes concatenated (layer by layer, so only one layer's K/V codes are held at once)."""
+
+    def codes(s: Slot) -> torch.Tensor:
+        e = enc.slots[s]
+        return torch.cat([e.dequantize(e.encode(c.producer[s].float())) for c in train])
+
+    h_codes: dict[Slot, torch.Tensor] = {}
+    out = {}
+    multi = [s for s, ins in sorted(inputs.items()) if len(ins) > 1]
+    for layer in tqdm(sorted({s.layer for s in multi}), desc="fit context decoders", file=sys.stderr):
+        layer_codes: dict[Slot, torch.Tensor] = {}
+        for s in (s for s in multi if s.layer == layer):
+            for i in inputs[s]:
+                if i not in layer_codes and i not in h_codes:
+                    (h_codes if i.kind == "h" else layer_codes)[i] = codes(i)
+            x = torch.cat([h_codes[i] if i.kind == "h" else layer_codes[i] for i in inputs[s]], 1)
+            out[s] = ridge(x, torch.cat([c.consumer[s] for c in train]).float(), ridge_lam)
+    return out
 
 
 def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[distill.DistillSample]:
@@ -252,7 +290,7 @@ def calibrate(args) -> Path:
     else:
         patch = []
     log(f"patch layers: {patch}")
-    enc, dec = decoder_for(enc_all, affine, patch, hidden, ident)
+    enc, dec = decoder_for(enc_all, affine, patch, hidden, ident, args.decoder_context, train, args.ridge)
     del train_rows
     for c in train + dev:  # free what the chosen plan does not use
         for s in list(c.producer):
@@ -282,7 +320,7 @@ def calibrate(args) -> Path:
                   "bits_per_token": enc.bits_per_token(), "page_size": args.page_size,
                   "payload_bytes_per_token": payload, "raw_kv_bytes_per_token": raw,
                   "payload_ratio": payload / raw, "decoder_hidden": hidden,
-                  "basis": "producer-pca"},
+                  "decoder_context": args.decoder_context, "basis": "producer-pca"},
         "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
                    "kv": str(consumer.model.dtype).replace("torch.", "")},
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
@@ -364,6 +402,10 @@ def main(argv=None) -> None:
                    help="share of each prompt's loss on those answer tokens (default 0.15)")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
+    p.add_argument("--decoder-context", choices=CONTEXTS, default="kv+h",
+                   help="codes each reuse translator reads: own (its slot's), kv (its layer's K and V), "
+                        "kv+h (those and the nearest patch layer's normalized input; kv without patch "
+                        "layers); context costs no payload, only rebuild compute (default kv+h)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from sgl_scd.codec import quant, wire
-from sgl_scd.codec.codec import ProducerEncoder, Slot, fit_slot_encoder, plan_slots
+from sgl_scd.codec.codec import (
+    ConsumerDecoder,
+    ProducerEncoder,
+    Slot,
+    context_inputs,
+    fit_slot_encoder,
+    plan_slots,
+)
 from sgl_scd.codec.factor import joint_factorization, pca, ridge
 
 
@@ -117,6 +124,24 @@ def test_slot_names_and_plans():
     with pytest.raises(ValueError, match=r"\[40\]"):
         plan_slots(30, [40])
     assert [s.name for s in plan_slots(2, [1])] == ["L00.k", "L00.v", "L01.h"]
+
+
+def test_decoder_context_inputs():
+    slots = plan_slots(6, [2, 5])
+    assert all(ins == (s,) for s, ins in context_inputs(slots, "own").items())
+    kv = context_inputs(slots, "kv")
+    assert kv[Slot(0, "v")] == (Slot(0, "k"), Slot(0, "v")) and kv[Slot(2, "h")] == (Slot(2, "h"),)
+    kvh = context_inputs(slots, "kv+h")  # the nearest patch layer; a tie goes to the lower one
+    assert kvh[Slot(0, "k")][-1] == Slot(2, "h") and kvh[Slot(4, "k")][-1] == Slot(5, "h")
+    assert kvh[Slot(3, "v")] == (Slot(3, "k"), Slot(3, "v"), Slot(2, "h"))
+    assert context_inputs(plan_slots(2, []), "kv+h") == context_inputs(plan_slots(2, []), "kv")
+    with pytest.raises(ValueError, match="'kvh'"):
+        context_inputs(slots, "kvh")
+    dims = {s: (3 if s.kind == "h" else 2, 4) for s in slots}
+    dec = ConsumerDecoder(dims, {}, 1e4, 1, 4, kvh)  # a translator's input width is the sum of its inputs' ranks
+    assert dec.translator(Slot(3, "k")).lin.in_features == 2 + 2 + 3
+    with pytest.raises(ValueError, match="L09.h"):
+        ConsumerDecoder(dims, {}, 1e4, 1, 4, {Slot(0, "k"): (Slot(9, "h"),)})
 
 
 def test_vectorized_dequantize_equals_per_slot(tiny_encoder):

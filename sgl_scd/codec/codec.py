@@ -11,7 +11,9 @@ so the rank of each slot falls out of the bit allocation.
 
 Decoder (per consumer): z -> x_hat [T, d] by a Translator (affine map + optional residual MLP),
 then keys are re-rotated with the consumer's RoPE base; h slots go through the consumer's own
-k_proj / v_proj (LoRA deltas merged, biases included) and RoPE.
+k_proj / v_proj (LoRA deltas merged, biases included) and RoPE. A reuse translator may read
+other slots' codes of the same token too (context_inputs: its layer's K and V, the nearest
+patch layer's h): they are on the wire anyway, so context costs rebuild compute, not bytes.
 """
 
 from __future__ import annotations
@@ -227,20 +229,33 @@ class Translator(nn.Module):
 
 
 class ConsumerDecoder(nn.Module):
-    """Rebuilds a consumer's K/V [L, T, H_kv, D] from dequantized slot codes."""
+    """Rebuilds a consumer's K/V [L, T, H_kv, D] from dequantized slot codes.
+
+    Each slot's translator reads the codes of inputs[slot] concatenated (by default the slot's
+    own; context_inputs() adds other slots' codes, which are on the wire anyway)."""
 
     def __init__(self, slot_dims: dict[Slot, tuple[int, int]], hidden: dict[str, int], theta: float,
-                 kv_heads: int, head_dim: int):
+                 kv_heads: int, head_dim: int, inputs: dict[Slot, tuple[Slot, ...]] | None = None):
         super().__init__()
         self.slots = sorted(slot_dims)
+        self.inputs = {s: tuple((inputs or {}).get(s, (s,))) for s in self.slots}
+        missing = sorted({i.name for ins in self.inputs.values() for i in ins if i not in slot_dims})
+        if missing:
+            raise ValueError(f"decoder inputs name slots the codec does not send: {missing}")
         self.theta = theta
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.translators = nn.ModuleDict(
-            {s.name.replace(".", "_"): Translator(r, d, hidden.get(s.kind, 0)) for s, (r, d) in sorted(slot_dims.items())}
+            {s.name.replace(".", "_"): Translator(sum(slot_dims[i][0] for i in self.inputs[s]), d,
+                                                  hidden.get(s.kind, 0))
+             for s, (_r, d) in sorted(slot_dims.items())}
         )
 
     def translator(self, slot: Slot) -> Translator:
         return self.translators[slot.name.replace(".", "_")]
+
+    def translator_input(self, slot: Slot, z: dict[Slot, torch.Tensor]) -> torch.Tensor:
+        ins = self.inputs[slot]
+        return z[ins[0]] if len(ins) == 1 else torch.cat([z[i] for i in ins], -1)
 
     @property
     def num_layers(self) -> int:
@@ -258,11 +273,37 @@ class ConsumerDecoder(nn.Module):
         for layer in range(self.num_layers):
             h = Slot(layer, "h")
             if h in z:
-                k, v = runtime.project_kv(consumer_model, layer, self.translator(h)(z[h]), start, grad=True)
+                h_in = self.translator(h)(self.translator_input(h, z))
+                k, v = runtime.project_kv(consumer_model, layer, h_in, start, grad=True)
             else:
-                k_nope = self.translator(Slot(layer, "k"))(z[Slot(layer, "k")]).view(shape)
+                ks_, vs_ = Slot(layer, "k"), Slot(layer, "v")
+                k_nope = self.translator(ks_)(self.translator_input(ks_, z)).view(shape)
                 k = rope.rotate(k_nope, self.theta, start)
-                v = self.translator(Slot(layer, "v"))(z[Slot(layer, "v")]).view(shape)
+                v = self.translator(vs_)(self.translator_input(vs_, z)).view(shape)
             ks.append(k)
             vs.append(v)
         return torch.stack(ks), torch.stack(vs)
+
+
+CONTEXTS = ("own", "kv", "kv+h")
+
+
+def context_inputs(slots, context: str) -> dict[Slot, tuple[Slot, ...]]:
+    """Which codes each reuse slot's translator reads: "own" its slot's alone; "kv" its layer's K
+    and V codes (both come from the same hidden state); "kv+h" those plus the code of the nearest
+    patch layer's normalized input (a full view of the producer's hidden state nearby). Patch
+    slots always read their own code."""
+    if context not in CONTEXTS:
+        raise ValueError(f"decoder context must be one of {CONTEXTS}, got {context!r}")
+    slots = sorted(slots)
+    patch = [s.layer for s in slots if s.kind == "h"]
+    out = {}
+    for s in slots:
+        if s.kind == "h" or context == "own":
+            out[s] = (s,)
+            continue
+        ins = (Slot(s.layer, "k"), Slot(s.layer, "v"))
+        if context == "kv+h" and patch:
+            ins += (Slot(min(patch, key=lambda p: (abs(p - s.layer), p)), "h"),)
+        out[s] = ins
+    return out

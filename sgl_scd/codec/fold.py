@@ -8,6 +8,8 @@ translator's linear maps once, at load:
   reuse layer:  k_nope = q_k @ A_k + c_k,  v = q_v @ A_v + c_v
   patch layer:  [k_nope | v] = q_h @ A + c + gelu(q_h @ U + u) @ B
 
+(q_k etc. stand for the concatenated codes a translator reads, ConsumerDecoder.inputs)
+
 so a patch layer costs r x 2*kv_dim + the MLP instead of r x hidden + hidden x 2*kv_dim, and
 the codes are used as the integers the wire carries. Exact up to float rounding (composed in
 float64); tests compare it with ConsumerDecoder.rebuild.
@@ -33,7 +35,9 @@ class FoldedDecoder:
     def __init__(self, decoder: ConsumerDecoder, encoder: ProducerEncoder, consumer_model: nn.Module):
         self.theta, self.kv_heads, self.head_dim = decoder.theta, decoder.kv_heads, decoder.head_dim
         kv_dim = self.kv_heads * self.head_dim
-        levels = encoder.levels()
+        own = encoder.levels()
+        levels = {s: tuple(torch.cat([own[i][j] for i in ins]) for j in (0, 1)) for s, ins in decoder.inputs.items()}
+        self.inputs = decoder.inputs
         layers = consumer_model.model.layers
         self.plan: list[tuple] = []
         for layer in range(decoder.num_layers):
@@ -58,6 +62,10 @@ class FoldedDecoder:
                 self.plan.append(("kv", (k, v), self._dequant_fold(decoder.translator(k).lin, levels[k]),
                                   self._dequant_fold(decoder.translator(v).lin, levels[v])))
 
+    def _codes(self, slot: Slot, codes: dict[Slot, torch.Tensor]) -> torch.Tensor:
+        ins = self.inputs[slot]
+        return codes[ins[0]].float() if len(ins) == 1 else torch.cat([codes[i] for i in ins], 1).float()
+
     @staticmethod
     def _dequant_fold(lin: nn.Linear, level: tuple[torch.Tensor, torch.Tensor], post_w=None, post_b=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +86,7 @@ class FoldedDecoder:
         for layer, step in enumerate(self.plan):
             if step[0] == "h":
                 _, slot, a, c, mlp = step
-                q = codes[slot].float()
+                q = self._codes(slot, codes)
                 kv = torch.addmm(c, q, a)
                 if mlp is not None:
                     up, u, b_mat = mlp
@@ -86,7 +94,9 @@ class FoldedDecoder:
                 k_nope[layer], v[layer] = kv[:, :kv_dim], kv[:, kv_dim:]
             else:
                 _, (ks, vs), (ak, ck), (av, cv) = step
-                torch.addmm(ck, codes[ks].float(), ak, out=k_nope[layer])
-                torch.addmm(cv, codes[vs].float(), av, out=v[layer])
+                qk = self._codes(ks, codes)
+                qv = qk if self.inputs[vs] == self.inputs[ks] else self._codes(vs, codes)
+                torch.addmm(ck, qk, ak, out=k_nope[layer])
+                torch.addmm(cv, qv, av, out=v[layer])
         shape = (len(self.plan), t, self.kv_heads, self.head_dim)
         return rope.rotate(k_nope.view(shape), self.theta, start), v.view(shape)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sgl_scd import rope
-from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot
+from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot, context_inputs
 from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.models import LoadedModel
 
@@ -105,18 +105,21 @@ def load_adapter(path: Path, producer: LoadedModel | None = None, consumer: Load
     encoder = ProducerEncoder.from_state_dict(enc_sd, manifest["producer"]["rope_theta"])
     _check("codec.revision", manifest["codec"]["revision"], encoder_revision(encoder))
     c = manifest["consumer"]
-    decoder = build_decoder(encoder, manifest["codec"]["decoder_hidden"], c)
+    decoder = build_decoder(encoder, manifest["codec"]["decoder_hidden"], c,
+                            manifest["codec"].get("decoder_context", "own"))
     decoder.load_state_dict(load_file(path / "decoder.safetensors"))
     decoder.eval().requires_grad_(False)
     return Adapter(path.name, manifest, encoder, decoder)
 
 
-def build_decoder(encoder: ProducerEncoder, hidden: dict[str, int], consumer_ident: dict) -> ConsumerDecoder:
+def build_decoder(encoder: ProducerEncoder, hidden: dict[str, int], consumer_ident: dict,
+                  context: str = "own") -> ConsumerDecoder:
+    """The decoder for an encoder's slots; context: which codes each translator reads (context_inputs)."""
     kv_dim = consumer_ident["kv_heads"] * consumer_ident["head_dim"]
     dims = {s: (e.rank, consumer_ident["hidden_size"] if s.kind == "h" else kv_dim)
             for s, e in encoder.slots.items()}
     return ConsumerDecoder(dims, hidden, consumer_ident["rope_theta"], consumer_ident["kv_heads"],
-                           consumer_ident["head_dim"])
+                           consumer_ident["head_dim"], context_inputs(encoder.slots, context))
 
 
 def slot_summary(encoder: ProducerEncoder) -> dict:
