@@ -6,8 +6,9 @@ calibration prompts and reports the mean next-token KL vs the oracle on held-out
 (no distillation, so each variant costs seconds). One JSON line per variant.
 
 Variants: bits per dimension (payload), basis (producer PCA vs the paper's joint
-factorization), per-layer vs per-head codes, patch layers vs pure reuse, and how bits are split
-between reuse (K/V) and patch (normalized input) codes.
+factorization), per-layer vs per-head codes, patch layers vs pure reuse, how bits are split
+between reuse (K/V) and patch (normalized input) codes, and which codes a reuse decoder reads
+(its own, its layer's K and V, plus the nearest patch layer's).
 
   python scripts/ablate_codec.py --n-calib 96 --n-dev 32 --json out/ablate.jsonl
 """
@@ -37,8 +38,8 @@ from sgl_scd.codec.factor import joint_factorization, pca
 from sgl_scd.runinfo import provenance
 
 
-def kl_of(encoder, affine, patch, consumer, ident, dev, hidden):
-    enc, dec = decoder_for(encoder, affine, patch, hidden, ident)
+def kl_of(encoder, affine, patch, consumer, ident, dev, hidden, context="own", train=None):
+    enc, dec = decoder_for(encoder, affine, patch, hidden, ident, context, train)
     return distill.last_token_kl(consumer.model, dec, distill_samples(enc, dev)), enc.bits_per_token()
 
 
@@ -147,6 +148,13 @@ def main(argv=None):
             emit(f"patch top-8, reuse {kv_bpd} bits/dim, patch {h_bpd} bits/hidden dim",
                  *kl_of(enc, aff, patch, cons, ident, dev, hidden), patch=patch, bits_per_dim=kv_bpd,
                  patch_bits_per_dim=h_bpd)
+    enc_h, aff_h = h_fit(4.0)
+    enc_kv, aff_kv = fits[3.0]
+    enc = ProducerEncoder({s: (enc_h if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
+    aff = {s: (aff_h if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+    for context in ("own", "kv", "kv+h"):  # the demo plan's bits; context adds no payload
+        emit(f"patch top-8, reuse 3 / patch 4 bits, decoder context {context}",
+             *kl_of(enc, aff, patch, cons, ident, dev, hidden, context, train), patch=patch, context=context)
     with open(args.json, "w") as f:
         f.writelines(json.dumps({**r, **provenance(vars(args))}) + "\n" for r in rows)
 
