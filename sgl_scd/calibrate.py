@@ -174,23 +174,30 @@ def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: 
 def context_affine(train: list[PairCapture], enc: ProducerEncoder, inputs: dict[Slot, tuple[Slot, ...]],
                    ridge_lam: float) -> dict[Slot, tuple[torch.Tensor, torch.Tensor]]:
     """Ridge decoders (W, b) for the slots whose translator reads several slots' codes, each on
-    those codes concatenated (layer by layer, so only one layer's K/V codes are held at once)."""
+    those codes concatenated. Slots reading the same codes (a layer's K and V) share one solve
+    (ridge is column-wise), and only one group's K/V codes are held at once."""
 
     def codes(s: Slot) -> torch.Tensor:
         e = enc.slots[s]
         return torch.cat([e.dequantize(e.encode(c.producer[s].float())) for c in train])
 
+    groups: dict[tuple[Slot, ...], list[Slot]] = {}
+    for s, ins in sorted(inputs.items()):
+        if len(ins) > 1:
+            groups.setdefault(ins, []).append(s)
     h_codes: dict[Slot, torch.Tensor] = {}
     out = {}
-    multi = [s for s, ins in sorted(inputs.items()) if len(ins) > 1]
-    for layer in tqdm(sorted({s.layer for s in multi}), desc="fit context decoders", file=sys.stderr):
-        layer_codes: dict[Slot, torch.Tensor] = {}
-        for s in (s for s in multi if s.layer == layer):
-            for i in inputs[s]:
-                if i not in layer_codes and i not in h_codes:
-                    (h_codes if i.kind == "h" else layer_codes)[i] = codes(i)
-            x = torch.cat([h_codes[i] if i.kind == "h" else layer_codes[i] for i in inputs[s]], 1)
-            out[s] = ridge(x, torch.cat([c.consumer[s] for c in train]).float(), ridge_lam)
+    for ins, targets in tqdm(groups.items(), desc="fit context decoders", file=sys.stderr):
+        for i in ins:
+            if i.kind == "h" and i not in h_codes:
+                h_codes[i] = codes(i)
+        x = torch.cat([h_codes[i] if i.kind == "h" else codes(i) for i in ins], 1)
+        ys = [torch.cat([c.consumer[s] for c in train]).float() for s in targets]
+        w, b = ridge(x, torch.cat(ys, 1), ridge_lam)
+        off = 0
+        for s, y in zip(targets, ys):
+            out[s] = (w[:, off : off + y.shape[1]], b[off : off + y.shape[1]])
+            off += y.shape[1]
     return out
 
 
