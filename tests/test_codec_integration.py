@@ -5,9 +5,18 @@ import json
 import pytest
 import torch
 
-from sgl_scd import data, evaluate, runtime
+from sgl_scd import data, evaluate, rope, runtime
 from sgl_scd.codec import baselines, wire
 from sgl_scd.codec import manifest as mf
+from sgl_scd.codec.codec import (
+    CONTEXTS,
+    ConsumerDecoder,
+    ProducerEncoder,
+    context_inputs,
+    fit_slot_encoder,
+    plan_slots,
+)
+from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.codec.serve import encode_prompt, rebuild_kv, scd_method
 
 pytestmark = pytest.mark.model
@@ -72,6 +81,31 @@ def test_wire_roundtrip_rebuild_equals_direct(base, demo_ft, small_adapter):
     assert (k - k2).abs().max() < 1e-4 * scale and (v - v2).abs().max() < 1e-4 * v2.abs().max()
     with pytest.raises(wire.WireError):
         rebuild_kv(small_adapter, demo_ft.model, [blobs[0][:-5]] + blobs[1:])
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_fold_matches_trainable_form_for_every_decoder_shape(demo_ft, context):
+    """The fold stacks translators that read the same codes into one matmul and carries residual
+    MLPs on K/V (--hidden-kv) and patch slots: with random weights everywhere (the MLPs' output
+    layers too, which calibration starts at 0) it must still equal the trainable form. Same
+    fp32-rounding tolerance as above."""
+    cfg = demo_ft.model.config
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    torch.manual_seed(0)
+    slots = plan_slots(cfg.num_hidden_layers, [3, 17])
+    encoder = ProducerEncoder({s: fit_slot_encoder(torch.randn(64, cfg.hidden_size if s.kind == "h" else kv_dim), 24)
+                               for s in slots}, 1e5)
+    dims = {s: (e.rank, cfg.hidden_size if s.kind == "h" else kv_dim) for s, e in encoder.slots.items()}
+    decoder = ConsumerDecoder(dims, {"k": 8, "v": 8, "h": 8}, rope.rope_theta(cfg), cfg.num_key_value_heads,
+                              cfg.head_dim, context_inputs(slots, context))
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.normal_(0, 0.1)
+    codes = {s: e.encode(torch.randn(9, e.mean.shape[0])) for s, e in encoder.slots.items()}
+    k, v = FoldedDecoder(decoder, encoder, demo_ft.model).rebuild(codes, start=5)
+    with torch.no_grad():
+        k2, v2 = decoder.rebuild(demo_ft.model, encoder.dequantize(codes), start=5)
+    assert (k - k2).abs().max() < 1e-4 * k2.abs().max() and (v - v2).abs().max() < 1e-4 * v2.abs().max()
 
 
 def test_droidspeak_full_window_is_the_consumer_prefill(base, demo_ft):
