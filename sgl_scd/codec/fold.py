@@ -126,9 +126,11 @@ class FoldedDecoder:
         for layer, steps in enumerate(self.plan):
             for st in steps:
                 q = self._codes(st.inputs, codes)
-                y = torch.addmm(st.c, q, st.a)
+                whole = st.a.shape[1] == 2 * kv_dim
+                y = torch.addmm(st.c, q, st.a, out=kv[layer]) if whole else torch.addmm(st.c, q, st.a)
                 for m in st.mlps:
                     y[:, m.cols].addmm_(nn.functional.gelu(torch.addmm(m.u, q, m.up)), m.down)
-                kv[layer, :, st.cols] = y
+                if not whole:
+                    kv[layer, :, st.cols] = y
         shape = (len(self.plan), t, self.kv_heads, self.head_dim)
         return rope.rotate(kv[..., :kv_dim].view(shape), self.theta, start), kv[..., kv_dim:].view(shape)
