@@ -410,9 +410,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--decoder-context", choices=CONTEXTS, default="kv+h",
-                   help="codes each reuse translator reads: own (its slot's), kv (its layer's K and V), "
+                   help="codes each translator reads: own (its slot's), kv (a reuse slot its layer's K and V), "
                         "kv+h (those and the nearest patch layer's normalized input; kv without patch "
-                        "layers); context costs no payload, only rebuild compute (default kv+h)")
+                        "layers), kv+hh (kv+h, and each patch slot also the nearest other patch layer's); "
+                        "context costs no payload, only rebuild compute (default kv+h)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -135,6 +135,10 @@ def test_decoder_context_inputs():
     assert kvh[Slot(0, "k")][-1] == Slot(2, "h") and kvh[Slot(4, "k")][-1] == Slot(5, "h")
     assert kvh[Slot(3, "v")] == (Slot(3, "k"), Slot(3, "v"), Slot(2, "h"))
     assert context_inputs(plan_slots(2, []), "kv+h") == context_inputs(plan_slots(2, []), "kv")
+    kvhh = context_inputs(slots, "kv+hh")  # patch slots also read the nearest other patch layer
+    assert kvhh[Slot(2, "h")] == (Slot(2, "h"), Slot(5, "h")) and kvhh[Slot(5, "h")] == (Slot(5, "h"), Slot(2, "h"))
+    assert all(kvhh[s] == ins for s, ins in kvh.items() if s.kind != "h")
+    assert context_inputs(plan_slots(3, [1]), "kv+hh")[Slot(1, "h")] == (Slot(1, "h"),)  # no other patch layer
     with pytest.raises(ValueError, match="'kvh'"):
         context_inputs(slots, "kvh")
     dims = {s: (3 if s.kind == "h" else 2, 4) for s in slots}

@@ -285,25 +285,31 @@ class ConsumerDecoder(nn.Module):
         return torch.stack(ks), torch.stack(vs)
 
 
-CONTEXTS = ("own", "kv", "kv+h")
+CONTEXTS = ("own", "kv", "kv+h", "kv+hh")
+
+
+def _nearest(layers: list[int], to: int) -> int:
+    return min(layers, key=lambda p: (abs(p - to), p))  # a tie goes to the lower layer
 
 
 def context_inputs(slots, context: str) -> dict[Slot, tuple[Slot, ...]]:
-    """Which codes each reuse slot's translator reads: "own" its slot's alone; "kv" its layer's K
-    and V codes (both come from the same hidden state); "kv+h" those plus the code of the nearest
-    patch layer's normalized input (a full view of the producer's hidden state nearby). Patch
-    slots always read their own code."""
+    """Which codes each slot's translator reads: "own" its slot's alone; "kv" a reuse slot reads
+    its layer's K and V codes (both come from the same hidden state); "kv+h" those plus the code
+    of the nearest patch layer's normalized input (a full view of the producer's hidden state
+    nearby); "kv+hh" also gives each patch slot the code of the nearest other patch layer. Without
+    "kv+hh", patch slots read their own code."""
     if context not in CONTEXTS:
         raise ValueError(f"decoder context must be one of {CONTEXTS}, got {context!r}")
     slots = sorted(slots)
     patch = [s.layer for s in slots if s.kind == "h"]
     out = {}
     for s in slots:
-        if s.kind == "h" or context == "own":
+        if s.kind == "h":
+            others = [p for p in patch if p != s.layer]
+            out[s] = (s, Slot(_nearest(others, s.layer), "h")) if context == "kv+hh" and others else (s,)
+        elif context == "own":
             out[s] = (s,)
-            continue
-        ins = (Slot(s.layer, "k"), Slot(s.layer, "v"))
-        if context == "kv+h" and patch:
-            ins += (Slot(min(patch, key=lambda p: (abs(p - s.layer), p)), "h"),)
-        out[s] = ins
+        else:
+            ins = (Slot(s.layer, "k"), Slot(s.layer, "v"))
+            out[s] = ins + (Slot(_nearest(patch, s.layer), "h"),) if context != "kv" and patch else ins
     return out
