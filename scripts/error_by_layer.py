@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Where in the rebuilt cache does SCD's error sit? Per held-out ToMi item, the KL to the oracle
 at the first answer token when the rebuilt K/V of some layers are swapped for the consumer's own
-(exact) K/V: each layer alone, every layer's K or V alone, the reuse and the patch layers. A
-layer whose exact K/V removes much of the KL is where better decoders, more bytes or
-recomputation would pay; one that removes little is not worth them. Prints a table, most
-KL removed first; --json writes one line per swap (config, git SHA, machine); --png a bar chart.
+(exact) K/V: each layer alone, every layer's K or V alone, the reuse and the patch layers; and
+the patch layers' K/V from the consumer's own normalized inputs sent through their codes (a
+perfect predictor behind the same bytes: the quantization's share). A layer whose exact K/V
+removes much of the KL is where better decoders, more bytes or recomputation would pay; one
+that removes little is not worth them. Prints a table, most KL removed first; --json writes one
+line per swap (config, git SHA, machine); --png a bar chart.
 
   python scripts/error_by_layer.py --n 100 --json out/error_by_layer.jsonl --png out/error_by_layer.png
 """
@@ -19,11 +21,14 @@ import torch
 from tqdm import tqdm
 
 from sgl_scd import data, evaluate, models, runtime
+from sgl_scd.codec.codec import Slot
 from sgl_scd.codec.manifest import load_adapter
 from sgl_scd.codec.serve import encode_prompt, rebuild_kv
 from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.quality import kl_divergence
 from sgl_scd.runinfo import provenance
+
+VIA_WIRE = "patch layers via wire"
 
 
 def swaps(num_layers: int, patch: list[int]) -> dict[str, tuple[list[int], str]]:
@@ -31,8 +36,24 @@ def swaps(num_layers: int, patch: list[int]) -> dict[str, tuple[list[int], str]]
     every = list(range(num_layers))
     out = {"none": ([], "kv"), "all": (every, "kv"), "all K": (every, "k"), "all V": (every, "v"),
            "reuse layers": ([i for i in every if i not in patch], "kv"), "patch layers": (patch, "kv")}
+    if patch:
+        out[VIA_WIRE] = (patch, "kv")
     out.update({f"L{i:02d}": ([i], "kv") for i in every})
     return out
+
+
+def through_wire(adapter, consumer_model, own_h: torch.Tensor, patch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch layers' K/V [P, T, H, D] from the consumer's own normalized inputs sent through each
+    patch slot's code (the producer's PCA basis, whitening and quantizer): a perfect predictor
+    behind the same bytes, so what is left is the quantization's share of the error."""
+    ks, vs = [], []
+    for layer in patch:
+        e = adapter.encoder.slots[Slot(layer, "h")]
+        z = e.dequantize(e.encode(own_h[layer]))
+        k, v = runtime.project_kv(consumer_model, layer, (z * e.std) @ e.basis.T + e.mean)
+        ks.append(k)
+        vs.append(v)
+    return torch.stack(ks), torch.stack(vs)
 
 
 def swapped(rebuilt: torch.Tensor, own: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -61,11 +82,15 @@ def main() -> None:
     for item in tqdm(items, desc="error by layer"):
         pi = evaluate.PairItem(producer, consumer, item, data.prompt_ids(producer.tokenizer, item))
         k, v = rebuild_kv(adapter, consumer.model, encode_prompt(adapter, pi.producer_capture))
-        own = runtime.capture_prefill(consumer.model, pi.ids[:-1], hidden=False)
+        own = runtime.capture_prefill(consumer.model, pi.ids[:-1], hidden=True)
+        if patch:  # "patch layers via wire": the consumer's own h, quantized like the producer's code
+            own_k, own_v = own.k.clone(), own.v.clone()
+            own_k[patch], own_v[patch] = through_wire(adapter, consumer.model, own.h_in, patch)
         oracle = runtime.continue_from_kv(consumer.model, consumer.tokenizer, pi.ids, max_new_tokens=0).first_logits
         for name, (layers, which) in table.items():
-            kk = swapped(k, own.k, layers) if "k" in which else k
-            vv = swapped(v, own.v, layers) if "v" in which else v
+            src_k, src_v = (own_k, own_v) if name == VIA_WIRE else (own.k, own.v)
+            kk = swapped(k, src_k, layers) if "k" in which else k
+            vv = swapped(v, src_v, layers) if "v" in which else v
             logits = runtime.continue_from_kv(consumer.model, consumer.tokenizer, pi.ids, kk, vv,
                                               max_new_tokens=0).first_logits
             kl[name] += kl_divergence(oracle, logits) / len(items)
