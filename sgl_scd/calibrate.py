@@ -123,6 +123,20 @@ def prompts_from_file(path: Path, tokenizer) -> list[tuple[list[int], data.QAIte
     return out
 
 
+def layer_bits(spec: str) -> dict[int, float]:
+    """"23=8,18=2" -> {23: 8.0, 18: 2.0}: bits per dim by layer (argparse type; names the bad part)."""
+    out = {}
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        layer, _, b = part.partition("=")
+        try:
+            out[int(layer)] = float(b)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LAYER=BITS, got {part}") from None
+        if not 0 < out[int(layer)] <= 8:
+            raise argparse.ArgumentTypeError(f"bits per dim must be in (0, 8], got {part}")
+    return out
+
+
 def fit_subset(n: int, n_fit: int) -> list[int]:
     """n_fit indices spread evenly over range(n) (all of them when n <= n_fit), so the
     closed-form fit sees every part of the calibration set (the built-in one ends with its long
@@ -136,19 +150,20 @@ def _fit_pca_encoder(x: torch.Tensor, _y: torch.Tensor, budget_bits: int):
     return fit_slot_encoder(x, budget_bits)
 
 
-def fit_codec(train: list[PairCapture], bits: dict[str, int], theta: float, ridge_lam: float,
+def fit_codec(train: list[PairCapture], bits: dict, theta: float, ridge_lam: float,
               fit_encoder=_fit_pca_encoder, kinds: tuple[str, ...] = ("k", "v", "h"),
               ) -> tuple[ProducerEncoder, dict[Slot, tuple[torch.Tensor, torch.Tensor]]]:
     """Encoders for every slot of the given kinds and closed-form decoders (W, b).
 
-    fit_encoder(x [N, d] producer, y [N, d'] consumer, budget bits) -> SlotEncoder; the default is
-    the producer-only PCA basis (ablations pass other bases)."""
+    bits: budget bits per token by slot kind, overridden for a slot by a Slot key. fit_encoder(x
+    [N, d] producer, y [N, d'] consumer, budget bits) -> SlotEncoder; the default is the
+    producer-only PCA basis (ablations pass other bases)."""
     slots = [s for s in sorted(train[0].producer) if s.kind in kinds]
     encoders, affine = {}, {}
     for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
         x = torch.cat([p.producer[s] for p in train]).float()  # [N, d]
         y = torch.cat([p.consumer[s] for p in train]).float()  # [N, d']
-        enc = fit_encoder(x, y, bits[s.kind])
+        enc = fit_encoder(x, y, bits.get(s, bits[s.kind]))
         encoders[s] = enc
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
     return ProducerEncoder(encoders, theta), affine
@@ -284,6 +299,7 @@ def calibrate(args) -> Path:
     kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
     bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
             "h": round(args.patch_bits_per_dim * producer.config.hidden_size)}
+    bits.update({Slot(layer, "h"): round(b * producer.config.hidden_size) for layer, b in args.layer_patch_bits.items()})
     kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
     enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge,
                                 kinds=kinds)  # reuse-only adapters need no h encoders
@@ -323,6 +339,7 @@ def calibrate(args) -> Path:
         "tokenizer": {"digest": mf.tokenizer_digest(tok), "vocab_size": len(tok)},
         "codec": {"version": mf.CODEC_VERSION, "revision": revision, "patch_layers": patch,
                   "bits_per_dim": args.bits_per_dim, "patch_bits_per_dim": args.patch_bits_per_dim,
+                  "layer_patch_bits": {str(k): v for k, v in args.layer_patch_bits.items()},
                   "slots": mf.slot_summary(enc),
                   "bits_per_token": enc.bits_per_token(), "page_size": args.page_size,
                   "payload_bytes_per_token": payload, "raw_kv_bytes_per_token": raw,
@@ -383,6 +400,9 @@ def main(argv=None) -> None:
                    help="average code bits per hidden dimension of a patch layer's normalized input (default "
                         "4.0: a patch layer then costs 2x a reuse layer's K+V codes; patch codes buy more "
                         "KL per bit than reuse codes, docs/codec.md)")
+    p.add_argument("--layer-patch-bits", type=layer_bits, default={},
+                   help="bits per hidden dim for single patch layers, overriding --patch-bits-per-dim, "
+                        "e.g. 23=8,18=2 (spend the patch bytes where the error is: scripts/error_by_layer.py)")
     p.add_argument("--patch-count", type=int, default=6,
                    help="patch the N layers with the largest held-out gain (default 6; 0 = reuse only)")
     p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")

@@ -247,7 +247,8 @@ def test_low_rank_delta_merges_into_the_plain_form():
 
 @pytest.mark.parametrize("flag,value", [("--bits-per-dim", "0.0"), ("--patch-bits-per-dim", "-1.0"),
                                         ("--last-share", "1.5"), ("--delta-rank", "-2"),
-                                        ("--answer-tokens", "-1"), ("--answer-share", "1.0")])
+                                        ("--answer-tokens", "-1"), ("--answer-share", "1.0"),
+                                        ("--layer-patch-bits", "23=9"), ("--layer-patch-bits", "L23=8")])
 def test_calibrate_refuses_bad_flags_naming_the_value(flag, value, capsys):
     from sgl_scd import calibrate
 
