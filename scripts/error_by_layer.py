@@ -50,7 +50,7 @@ def through_wire(adapter, consumer_model, own_h: torch.Tensor, patch: list[int])
     for layer in patch:
         e = adapter.encoder.slots[Slot(layer, "h")]
         z = e.dequantize(e.encode(own_h[layer]))
-        k, v = runtime.project_kv(consumer_model, layer, (z * e.std) @ e.basis.T + e.mean)
+        k, v = runtime.project_kv(consumer_model, layer, e.unwhiten(z))
         ks.append(k)
         vs.append(v)
     return torch.stack(ks), torch.stack(vs)
@@ -82,13 +82,13 @@ def main() -> None:
     for item in tqdm(items, desc="error by layer"):
         pi = evaluate.PairItem(producer, consumer, item, data.prompt_ids(producer.tokenizer, item))
         k, v = rebuild_kv(adapter, consumer.model, encode_prompt(adapter, pi.producer_capture))
-        own = runtime.capture_prefill(consumer.model, pi.ids[:-1], hidden=True)
+        full = runtime.capture_prefill(consumer.model, pi.ids, hidden=True)  # the oracle, one prefill
+        oracle, own_k, own_v = full.last_logits, full.k[:, :-1], full.v[:, :-1]  # K/V as rebuilt: all but the last
         if patch:  # "patch layers via wire": the consumer's own h, quantized like the producer's code
-            own_k, own_v = own.k.clone(), own.v.clone()
-            own_k[patch], own_v[patch] = through_wire(adapter, consumer.model, own.h_in, patch)
-        oracle = runtime.continue_from_kv(consumer.model, consumer.tokenizer, pi.ids, max_new_tokens=0).first_logits
+            wire_k, wire_v = own_k.clone(), own_v.clone()
+            wire_k[patch], wire_v[patch] = through_wire(adapter, consumer.model, full.h_in[:, :-1], patch)
         for name, (layers, which) in table.items():
-            src_k, src_v = (own_k, own_v) if name == VIA_WIRE else (own.k, own.v)
+            src_k, src_v = (wire_k, wire_v) if name == VIA_WIRE else (own_k, own_v)
             kk = swapped(k, src_k, layers) if "k" in which else k
             vv = swapped(v, src_v, layers) if "v" in which else v
             logits = runtime.continue_from_kv(consumer.model, consumer.tokenizer, pi.ids, kk, vv,

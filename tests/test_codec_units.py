@@ -256,3 +256,10 @@ def test_calibrate_refuses_bad_flags_naming_the_value(flag, value, capsys):
         calibrate.main(["--consumer", "demo-ft", flag, value])
     err = capsys.readouterr().err
     assert flag in err and f"got {value}" in err
+
+
+def test_unwhiten_inverts_whiten_when_every_component_is_kept():
+    torch.manual_seed(0)
+    x = torch.randn(300, 6) * torch.linspace(2, 0.5, 6) + 1.0
+    e = fit_slot_encoder(x, 6 * 8)  # 8 bits per dim: every component gets bits, the basis is square
+    assert e.rank == 6 and torch.allclose(e.unwhiten(e.whiten(x)), x, atol=1e-4)

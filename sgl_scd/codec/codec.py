@@ -90,6 +90,9 @@ class SlotEncoder:
     def whiten(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, r]
         return ((x.float() - self.mean) @ self.basis) / self.std
 
+    def unwhiten(self, z: torch.Tensor) -> torch.Tensor:  # [T, r] -> [T, d], whiten's inverse on the kept components
+        return (z * self.std) @ self.basis.T + self.mean
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> int32 [T, r]
         return quant.quantize(self.whiten(x), self.widths)
 
