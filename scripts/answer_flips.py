@@ -15,17 +15,14 @@ gate point, with config, git SHA and machine.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
-from sgl_scd import data, evaluate, models
-from sgl_scd.codec.manifest import load_adapter
+from sgl_scd import data, evaluate
+from sgl_scd.codec.manifest import load_with_models
 from sgl_scd.codec.serve import scd_method
-from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.quality import kl_divergence, top2_margin
-from sgl_scd.runinfo import provenance
+from sgl_scd.runinfo import write_jsonl
 
 BUCKETS = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 0.7), (0.7, 1.0)]
 GATE_SHARES = (0.1, 0.2, 0.3, 0.4)
@@ -80,8 +77,7 @@ def main() -> None:
     args = p.parse_args()
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
-    producer, consumer = models.load("base"), models.load(args.consumer)
-    adapter = load_adapter(Path(args.adapter or ADAPTERS_DIR / args.consumer), producer, consumer)
+    producer, consumer, adapter = load_with_models(args.consumer, args.adapter)
     rows: list[dict] = []
     evaluate.evaluate(producer, consumer, data.load_tomi("test")[: args.n], {"scd": scd_method(adapter)},
                       max_new_tokens=8, desc="answer flips", on_item=lambda pi, outs: rows.append(item_row(pi, outs)))
@@ -96,10 +92,7 @@ def main() -> None:
     for g in gates:
         print(f"| {g['signal']} | {g['prefilled']:.2f} | {g['mean_kl']:.3f} | {g['flip_rate']:.3f} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            for s in summary + gates:
-                f.write(json.dumps({**s, **provenance(vars(args))}) + "\n")
+        write_jsonl(args.json, summary + gates, vars(args))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ import torch
 
 from sgl_scd import data, evaluate, models
 from sgl_scd.codec import baselines
-from sgl_scd.codec.manifest import load_adapter
+from sgl_scd.codec.manifest import adapter_dir, load_adapter
 from sgl_scd.codec.serve import scd_method
-from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.runinfo import provenance
 
 BANDWIDTHS = (1, 10, 25, 100, 200, 400)
@@ -186,10 +185,10 @@ def main(argv=None) -> None:
     gates = [float(x) for x in args.scd_gate.split(",") if x.strip()]
     if any(not 0.0 < m <= 1.0 for m in gates):
         p.error(f"--scd-gate margins must be in (0, 1], got {args.scd_gate}")
-    for key, path in (("scd_reuse", args.reuse_adapter or ADAPTERS_DIR / f"{args.consumer}-reuse"),
-                      ("scd", args.adapter or ADAPTERS_DIR / args.consumer)):
+    for key, path in (("scd_reuse", adapter_dir(f"{args.consumer}-reuse", args.reuse_adapter)),
+                      ("scd", adapter_dir(args.consumer, args.adapter))):
         try:
-            adapter = load_adapter(Path(path), producer, consumer)
+            adapter = load_adapter(path, producer, consumer)
         except FileNotFoundError as e:
             log(f"skipping {key}: {e}")
             continue

@@ -14,19 +14,17 @@ line per swap (config, git SHA, machine); --png a bar chart.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sgl_scd import data, evaluate, models, runtime
+from sgl_scd import data, evaluate, runtime
 from sgl_scd.codec.codec import Slot
-from sgl_scd.codec.manifest import load_adapter
+from sgl_scd.codec.manifest import load_with_models
 from sgl_scd.codec.serve import encode_prompt, rebuild_kv
-from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.quality import kl_divergence
-from sgl_scd.runinfo import provenance
+from sgl_scd.runinfo import write_jsonl
 
 VIA_WIRE = "patch layers via wire"
 
@@ -44,7 +42,7 @@ def swaps(num_layers: int, patch: list[int]) -> dict[str, tuple[list[int], str]]
 
 def through_wire(adapter, consumer_model, own_h: torch.Tensor, patch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch layers' K/V [P, T, H, D] from the consumer's own normalized inputs sent through each
-    patch slot's code (the producer's PCA basis, whitening and quantizer): a perfect predictor
+    patch slot's code (the producer's basis, whitening and quantizer): a perfect predictor
     behind the same bytes, so what is left is the quantization's share of the error."""
     ks, vs = [], []
     for layer in patch:
@@ -72,8 +70,7 @@ def main() -> None:
     args = p.parse_args()
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
-    producer, consumer = models.load("base"), models.load(args.consumer)
-    adapter = load_adapter(Path(args.adapter or ADAPTERS_DIR / args.consumer), producer, consumer)
+    producer, consumer, adapter = load_with_models(args.consumer, args.adapter)
     patch = adapter.encoder.patch_layers
     table = swaps(runtime.num_layers(consumer.model), patch)
     kl = {name: 0.0 for name in table}
@@ -102,10 +99,7 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: r["kl"]):
         print(f"| {r['swap']} | {r['kl']:.4f} | {r['kl_removed_share']:.2f} | {r['flip_rate']:.3f} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps({**r, **provenance(vars(args))}) + "\n")
+        write_jsonl(args.json, rows, vars(args))
     if args.png:
         plot(rows, patch, args.png)
 

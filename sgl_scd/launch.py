@@ -22,17 +22,15 @@ import torch
 from tqdm import tqdm
 
 from sgl_scd import data, models, quality, runtime
-from sgl_scd.codec.manifest import load_adapter
+from sgl_scd.codec.manifest import adapter_dir, load_adapter
 from sgl_scd.engine import ReuseEngine, store_identity
-from sgl_scd.paths import ADAPTERS_DIR
 from sgl_scd.runinfo import provenance
 from sgl_scd.store import open_store, resolve_url
 
 
 def build_engine(args) -> ReuseEngine:
     producer, consumer = models.load(args.producer), models.load(args.consumer)
-    adapter_dir = Path(args.adapter or ADAPTERS_DIR / Path(args.consumer).name)
-    adapter = load_adapter(adapter_dir, producer, consumer)
+    adapter = load_adapter(adapter_dir(args.consumer, args.adapter), producer, consumer)
     store = open_store(args.store_url, store_identity(adapter, args.cache_salt), ttl_s=args.ttl)
     return ReuseEngine(producer, consumer, adapter, store, adapter_label=adapter.name, min_margin=args.min_margin)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import subprocess
 import time
 from functools import lru_cache
+from pathlib import Path
 
 from sgl_scd.paths import REPO_ROOT
 
@@ -35,3 +37,12 @@ def machine() -> dict:
 def provenance(config: dict) -> dict:
     return {"config": config, "git_sha": git_sha(), "machine": machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_jsonl(path: str | Path, rows: list[dict], config: dict) -> None:
+    """One JSON line per row, each with the run's provenance (config, git SHA, machine, time)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prov = provenance(config)
+    with path.open("w") as f:
+        f.writelines(json.dumps({**r, **prov}) + "\n" for r in rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from test_pareto import load_script
+from script_loader import load_script
 
 
 def test_swaps_cover_every_layer_and_the_groups():

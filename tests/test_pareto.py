@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
+from script_loader import load_script
 from store_fixtures import REPO
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def row(method: str, kl: float, ttft: float, f1: float = 0.5) -> dict:
@@ -78,3 +71,22 @@ def test_answer_flips_gate_curve_prefills_the_least_sure_first():
     assert abs(curve[0]["mean_kl"] - 0.155) < 1e-9 and curve[0]["flip_rate"] == 0.25  # nothing gated
     assert abs(curve[1]["mean_kl"] - 0.03) < 1e-9 and curve[1]["flip_rate"] == 0.0  # the flip was the least sure
     assert abs(curve[2]["mean_kl"] - 0.005) < 1e-9
+
+
+def test_write_jsonl_stamps_every_row_with_the_runs_provenance(tmp_path):
+    from sgl_scd.runinfo import write_jsonl
+
+    out = tmp_path / "nested" / "rows.jsonl"  # the folder does not exist yet
+    write_jsonl(out, [{"method": "scd", "kl": 0.1}, {"method": "oracle", "kl": 0.0}], {"n": 2})
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["scd", "oracle"]
+    assert all(r["config"] == {"n": 2} and r["git_sha"] and r["machine"]["cpus"] for r in rows)
+
+
+def test_adapter_dir_defaults_to_where_calibrate_writes(tmp_path):
+    from sgl_scd.codec.manifest import adapter_dir
+    from sgl_scd.paths import ADAPTERS_DIR
+
+    assert adapter_dir("demo-ft") == ADAPTERS_DIR / "demo-ft"
+    assert adapter_dir("/models/my-lora") == ADAPTERS_DIR / "my-lora"  # a PEFT directory's name
+    assert adapter_dir("demo-ft", tmp_path) == tmp_path

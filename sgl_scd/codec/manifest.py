@@ -20,6 +20,7 @@ from sgl_scd import rope
 from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot, context_inputs
 from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.models import LoadedModel
+from sgl_scd.paths import ADAPTERS_DIR
 
 CODEC_VERSION = 1
 FORMAT = "sgl_scd.adapter/1"
@@ -110,6 +111,20 @@ def load_adapter(path: Path, producer: LoadedModel | None = None, consumer: Load
     decoder.load_state_dict(load_file(path / "decoder.safetensors"))
     decoder.eval().requires_grad_(False)
     return Adapter(path.name, manifest, encoder, decoder)
+
+
+def adapter_dir(consumer_spec: str, path: str | Path | None = None) -> Path:
+    """path if given, else where calibrate writes a consumer's adapter by default (adapters/<name>)."""
+    return Path(path) if path else ADAPTERS_DIR / Path(consumer_spec).name
+
+
+def load_with_models(consumer_spec: str, path: str | Path | None = None, producer_spec: str = "base"
+                     ) -> tuple[LoadedModel, LoadedModel, Adapter]:
+    """(producer, consumer, adapter) as analysis scripts need them, the adapter checked against both."""
+    from sgl_scd import models
+
+    producer, consumer = models.load(producer_spec), models.load(consumer_spec)
+    return producer, consumer, load_adapter(adapter_dir(consumer_spec, path), producer, consumer)
 
 
 def build_decoder(encoder: ProducerEncoder, hidden: dict[str, int], consumer_ident: dict,
