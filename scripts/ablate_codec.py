@@ -8,7 +8,8 @@ calibration prompts and reports the mean next-token KL vs the oracle on held-out
 Variants: bits per dimension (payload), basis (producer PCA vs the paper's joint
 factorization), per-layer vs per-head codes, patch layers vs pure reuse, how bits are split
 between reuse (K/V) and patch (normalized input) codes, and which codes a reuse decoder reads
-(its own, its layer's K and V, plus the nearest patch layer's).
+(its own, its layer's K and V, plus the nearest patch layer's), and what the patch codes' PCA
+measures (the normalized input itself, or the K/V it turns into: calibrate --patch-metric).
 
   python scripts/ablate_codec.py --n-calib 96 --n-dev 32 --json out/ablate.jsonl
 """
@@ -31,11 +32,11 @@ from sgl_scd.calibrate import (
     fit_codec,
     rank_patch_layers,
 )
-from sgl_scd.codec import distill, quant
+from sgl_scd.codec import distill, importance, quant
 from sgl_scd.codec import manifest as mf
 from sgl_scd.codec.codec import ProducerEncoder, SlotEncoder, fit_slot_encoder
 from sgl_scd.codec.factor import joint_factorization, pca
-from sgl_scd.runinfo import provenance
+from sgl_scd.runinfo import provenance, write_jsonl
 
 
 def kl_of(encoder, affine, patch, consumer, ident, dev, hidden, context="own", train=None):
@@ -155,8 +156,14 @@ def main(argv=None):
     for context in ("own", "kv", "kv+h"):  # the demo plan's bits; context adds no payload
         emit(f"patch top-8, reuse 3 / patch 4 bits, decoder context {context}",
              *kl_of(enc, aff, patch, cons, ident, dev, hidden, context, train), patch=patch, context=context)
-    with open(args.json, "w") as f:
-        f.writelines(json.dumps({**r, **provenance(vars(args))}) + "\n" for r in rows)
+    # the same bytes with the h codes' PCA in the K/V metric of the producer's projections (calibrate's default)
+    enc_m, aff_m = fit_codec(train, {"k": 0, "v": 0, "h": round(4.0 * hidden_size)}, theta, 1e-3, kinds=("h",),
+                             metric=lambda s: importance.kv_metric(prod.model, s.layer))
+    enc = ProducerEncoder({s: (enc_m if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
+    aff = {s: (aff_m if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+    emit("patch top-8, reuse 3 / patch 4 bits, decoder context kv+h, h codes in the K/V metric",
+         *kl_of(enc, aff, patch, cons, ident, dev, hidden, "kv+h", train), patch=patch, context="kv+h", metric="kv")
+    write_jsonl(args.json, rows, vars(args))
 
 
 if __name__ == "__main__":

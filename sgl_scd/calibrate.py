@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from sgl_scd import data, evaluate, models, runtime
-from sgl_scd.codec import distill, wire
+from sgl_scd.codec import distill, importance, wire
 from sgl_scd.codec import manifest as mf
 from sgl_scd.codec.codec import (
     CONTEXTS,
@@ -151,19 +151,21 @@ def _fit_pca_encoder(x: torch.Tensor, _y: torch.Tensor, budget_bits: int):
 
 
 def fit_codec(train: list[PairCapture], bits: dict, theta: float, ridge_lam: float,
-              fit_encoder=_fit_pca_encoder, kinds: tuple[str, ...] = ("k", "v", "h"),
+              fit_encoder=_fit_pca_encoder, kinds: tuple[str, ...] = ("k", "v", "h"), metric=None,
               ) -> tuple[ProducerEncoder, dict[Slot, tuple[torch.Tensor, torch.Tensor]]]:
     """Encoders for every slot of the given kinds and closed-form decoders (W, b).
 
     bits: budget bits per token by slot kind, overridden for a slot by a Slot key. fit_encoder(x
     [N, d] producer, y [N, d'] consumer, budget bits) -> SlotEncoder; the default is the
-    producer-only PCA basis (ablations pass other bases)."""
+    producer-only PCA basis (ablations pass other bases). metric(slot) -> [d, m] or None: fit that
+    slot's PCA in this metric (fit_slot_encoder) instead."""
     slots = [s for s in sorted(train[0].producer) if s.kind in kinds]
     encoders, affine = {}, {}
     for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
         x = torch.cat([p.producer[s] for p in train]).float()  # [N, d]
         y = torch.cat([p.consumer[s] for p in train]).float()  # [N, d']
-        enc = fit_encoder(x, y, bits.get(s, bits[s.kind]))
+        a = metric(s) if metric else None
+        enc = fit_encoder(x, y, bits.get(s, bits[s.kind])) if a is None else fit_slot_encoder(x, bits.get(s, bits[s.kind]), a)
         encoders[s] = enc
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
     return ProducerEncoder(encoders, theta), affine
@@ -301,8 +303,11 @@ def calibrate(args) -> Path:
             "h": round(args.patch_bits_per_dim * producer.config.hidden_size)}
     bits.update({Slot(layer, "h"): round(b * producer.config.hidden_size) for layer, b in args.layer_patch_bits.items()})
     kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
+    def metric(s: Slot):  # h codes in the K/V metric of the producer's own projections (importance.py)
+        return importance.kv_metric(producer.model, s.layer) if s.kind == "h" and args.patch_metric == "kv" else None
+
     enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge,
-                                kinds=kinds)  # reuse-only adapters need no h encoders
+                                kinds=kinds, metric=metric)  # reuse-only adapters need no h encoders
     ident = mf.model_identity(consumer)
     hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
     if args.patch_layers is not None:
@@ -344,7 +349,8 @@ def calibrate(args) -> Path:
                   "bits_per_token": enc.bits_per_token(), "page_size": args.page_size,
                   "payload_bytes_per_token": payload, "raw_kv_bytes_per_token": raw,
                   "payload_ratio": payload / raw, "decoder_hidden": hidden,
-                  "decoder_context": args.decoder_context, "basis": "producer-pca"},
+                  "decoder_context": args.decoder_context, "basis": "producer-pca",
+                  "patch_metric": args.patch_metric},
         "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
                    "kv": str(consumer.model.dtype).replace("torch.", "")},
         "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
@@ -403,6 +409,10 @@ def main(argv=None) -> None:
     p.add_argument("--layer-patch-bits", type=layer_bits, default={},
                    help="bits per hidden dim for single patch layers, overriding --patch-bits-per-dim, "
                         "e.g. 23=8,18=2 (spend the patch bytes where the error is: scripts/error_by_layer.py)")
+    p.add_argument("--patch-metric", choices=importance.METRICS, default="hidden",
+                   help="what a patch code's PCA and bit allocation measure: 'hidden' (default) the normalized input "
+                        "itself; 'kv' the K/V it turns into through the producer's k_proj/v_proj, so no bits go "
+                        "to directions those ignore (a 3x lower quantization floor, docs/codec.md)")
     p.add_argument("--patch-count", type=int, default=6,
                    help="patch the N layers with the largest held-out gain (default 6; 0 = reuse only)")
     p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")

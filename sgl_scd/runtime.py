@@ -57,6 +57,11 @@ def _layers(model):
     return model.model.layers
 
 
+def attention(model, layer: int):
+    """One decoder layer's self-attention module (q/k/v/o projections, LoRA merged)."""
+    return _layers(model)[layer].self_attn
+
+
 def num_layers(model) -> int:
     return len(_layers(model))
 
@@ -254,7 +259,7 @@ def project_kv(model, layer: int, h_in: torch.Tensor, start: int = 0, *, grad: b
 
 
 def _project_kv(model, layer, h_in, start):
-    attn = _layers(model)[layer].self_attn
+    attn = attention(model, layer)
     hd = attn.head_dim
     k = attn.k_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)  # [T, H_kv, D]
     v = attn.v_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)

@@ -6,7 +6,8 @@ ship one h slot and the consumer recomputes that layer's K/V with its own projec
 
 Encoder (per slot, depends on the producer only, so one published code serves every adapter
 calibrated against it): x [T, d] -> z = (x - mean) @ basis / std   [T, r], whitened PCA code,
-then quantized with static Gaussian steps (quant.py). Components that get 0 bits are dropped,
+then quantized with static Gaussian steps (quant.py). h slots' PCA is taken in the metric of
+the producer's K/V projections (importance.py), so their bits go where K/V error would be. Components that get 0 bits are dropped,
 so the rank of each slot falls out of the bit allocation.
 
 Decoder (per consumer): z -> x_hat [T, d] by a Translator (affine map + optional residual MLP),
@@ -90,8 +91,10 @@ class SlotEncoder:
     def whiten(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, r]
         return ((x.float() - self.mean) @ self.basis) / self.std
 
-    def unwhiten(self, z: torch.Tensor) -> torch.Tensor:  # [T, r] -> [T, d], whiten's inverse on the kept components
-        return (z * self.std) @ self.basis.T + self.mean
+    def unwhiten(self, z: torch.Tensor) -> torch.Tensor:  # [T, r] -> [T, d]
+        """whiten's least-squares inverse: the least-norm x (about the mean) with whiten(x) == z
+        (exact when every component is kept; basis.T when the basis is orthonormal)."""
+        return (z * self.std) @ torch.linalg.pinv(self.basis) + self.mean
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> int32 [T, r]
         return quant.quantize(self.whiten(x), self.widths)
@@ -171,14 +174,20 @@ class ProducerEncoder:
         return cls(slots, theta)
 
 
-def fit_slot_encoder(x: torch.Tensor, budget_bits: int) -> SlotEncoder:
-    """PCA of producer observations x [N, d], with budget_bits per token spread by water-filling."""
+def fit_slot_encoder(x: torch.Tensor, budget_bits: int, metric: torch.Tensor | None = None) -> SlotEncoder:
+    """PCA of producer observations x [N, d], with budget_bits per token spread by water-filling.
+
+    metric A [d, m]: the principal axes of (x - mean) @ A instead, so the error that counts is
+    measured after A (importance.kv_metric: a patch layer's K/V projections). The basis A @ U
+    [d, r] is then not orthonormal; whiten() only projects with it."""
     from sgl_scd.codec.factor import pca
 
-    p = pca(x)
+    p = pca(x.float() if metric is None else x.float() @ metric)
+    basis = p.basis if metric is None else metric @ p.basis
     widths = quant.allocate_bits(p.var, budget_bits)
     keep = widths > 0
-    return SlotEncoder(p.mean, p.basis[:, keep].contiguous(), p.var[keep].clamp_min(1e-12).sqrt(),
+    mean = x.double().mean(0).float()  # what pca() centres on when there is no metric
+    return SlotEncoder(mean, basis[:, keep].contiguous(), p.var[keep].clamp_min(1e-12).sqrt(),
                        widths[keep].to(torch.int32))
 
 
