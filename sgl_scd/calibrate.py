@@ -442,7 +442,8 @@ def main(argv=None) -> None:
     p.add_argument("--decoder-context", choices=CONTEXTS, default="kv+h",
                    help="codes each translator reads: own (its slot's), kv (a reuse slot its layer's K and V), "
                         "kv+h (those and the nearest patch layer's normalized input; kv without patch "
-                        "layers), kv+hh (kv+h, and each patch slot also the nearest other patch layer's); "
+                        "layers), kv+hh (kv+h, and each patch slot also the nearest other patch layer's), kv+hall (kv+h, "
+                        "and each patch slot every patch layer's); "
                         "context costs no payload, only rebuild compute (default kv+h)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)

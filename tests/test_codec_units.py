@@ -139,6 +139,9 @@ def test_decoder_context_inputs():
     assert kvhh[Slot(2, "h")] == (Slot(2, "h"), Slot(5, "h")) and kvhh[Slot(5, "h")] == (Slot(5, "h"), Slot(2, "h"))
     assert all(kvhh[s] == ins for s, ins in kvh.items() if s.kind != "h")
     assert context_inputs(plan_slots(3, [1]), "kv+hh")[Slot(1, "h")] == (Slot(1, "h"),)  # no other patch layer
+    wide = context_inputs(plan_slots(6, [1, 3, 4]), "kv+hall")  # patch slots read every patch code, own first
+    assert wide[Slot(3, "h")] == (Slot(3, "h"), Slot(1, "h"), Slot(4, "h"))
+    assert wide[Slot(2, "k")] == context_inputs(plan_slots(6, [1, 3, 4]), "kv+h")[Slot(2, "k")]
     with pytest.raises(ValueError, match="'kvh'"):
         context_inputs(slots, "kvh")
     dims = {s: (3 if s.kind == "h" else 2, 4) for s in slots}

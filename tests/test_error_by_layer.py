@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from script_loader import load_script
 
@@ -20,3 +23,21 @@ def test_swapped_replaces_only_the_named_layers():
     rebuilt, own = torch.zeros(3, 5, 1, 2), torch.ones(3, 5, 1, 2)
     out = ebl.swapped(rebuilt, own, [1])
     assert out[1].eq(1).all() and out[[0, 2]].eq(0).all() and rebuilt.eq(0).all()  # the input is left alone
+
+
+def test_predictability_feature_sets_parse_and_refuse_bad_layers():
+    pp = load_script("patch_predictability")
+    sets = pp.parse_features("23; 22-24 ;18,23+prev", 30)
+    assert sets == {"23": ([23], False), "22-24": ([22, 23, 24], False), "18,23+prev": ([18, 23], True)}
+    for bad in ("23-31", "x", "-1"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            pp.parse_features(bad, 30)
+
+
+def test_predictability_features_stack_layers_and_the_previous_token():
+    pp = load_script("patch_predictability")
+    h = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)  # [layers, T, d]
+    x = pp.features(h, [0, 1], prev=True)
+    assert x.shape == (3, 8)
+    assert torch.equal(x[1, :4], torch.cat([h[0, 1], h[1, 1]])) and torch.equal(x[1, 4:], x[0, :4])
+    assert torch.equal(x[0, 4:], x[0, :4])  # the first token has no predecessor: it repeats itself

@@ -297,7 +297,7 @@ class ConsumerDecoder(nn.Module):
         return torch.stack(ks), torch.stack(vs)
 
 
-CONTEXTS = ("own", "kv", "kv+h", "kv+hh")
+CONTEXTS = ("own", "kv", "kv+h", "kv+hh", "kv+hall")
 
 
 def _nearest(layers: list[int], to: int) -> int:
@@ -308,8 +308,9 @@ def context_inputs(slots, context: str) -> dict[Slot, tuple[Slot, ...]]:
     """Which codes each slot's translator reads: "own" its slot's alone; "kv" a reuse slot reads
     its layer's K and V codes (both come from the same hidden state); "kv+h" those plus the code
     of the nearest patch layer's normalized input (a full view of the producer's hidden state
-    nearby); "kv+hh" also gives each patch slot the code of the nearest other patch layer. Without
-    "kv+hh", patch slots read their own code."""
+    nearby); "kv+hh" also gives each patch slot the code of the nearest other patch layer, "kv+hall"
+    every patch layer's (the producer's state across depth predicts a consumer's layer input
+    better than one layer's does). Otherwise patch slots read their own code."""
     if context not in CONTEXTS:
         raise ValueError(f"decoder context must be one of {CONTEXTS}, got {context!r}")
     slots = sorted(slots)
@@ -318,7 +319,10 @@ def context_inputs(slots, context: str) -> dict[Slot, tuple[Slot, ...]]:
     for s in slots:
         if s.kind == "h":
             others = [p for p in patch if p != s.layer]
-            out[s] = (s, Slot(_nearest(others, s.layer), "h")) if context == "kv+hh" and others else (s,)
+            if context == "kv+hall":
+                out[s] = (s, *(Slot(p, "h") for p in others))
+            else:
+                out[s] = (s, Slot(_nearest(others, s.layer), "h")) if context == "kv+hh" and others else (s,)
         elif context == "own":
             out[s] = (s,)
         else:
