@@ -164,8 +164,8 @@ def fit_codec(train: list[PairCapture], bits: dict, theta: float, ridge_lam: flo
     for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
         x = torch.cat([p.producer[s] for p in train]).float()  # [N, d]
         y = torch.cat([p.consumer[s] for p in train]).float()  # [N, d']
-        a = metric(s) if metric else None
-        enc = fit_encoder(x, y, bits.get(s, bits[s.kind])) if a is None else fit_slot_encoder(x, bits.get(s, bits[s.kind]), a)
+        a, budget = metric(s) if metric else None, bits.get(s, bits[s.kind])
+        enc = fit_encoder(x, y, budget) if a is None else fit_slot_encoder(x, budget, a)
         encoders[s] = enc
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
     return ProducerEncoder(encoders, theta), affine
@@ -303,6 +303,7 @@ def calibrate(args) -> Path:
             "h": round(args.patch_bits_per_dim * producer.config.hidden_size)}
     bits.update({Slot(layer, "h"): round(b * producer.config.hidden_size) for layer, b in args.layer_patch_bits.items()})
     kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
+
     def metric(s: Slot):  # h codes in the K/V metric of the producer's own projections (importance.py)
         return importance.kv_metric(producer.model, s.layer) if s.kind == "h" and args.patch_metric == "kv" else None
 

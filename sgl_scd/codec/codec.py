@@ -6,9 +6,9 @@ ship one h slot and the consumer recomputes that layer's K/V with its own projec
 
 Encoder (per slot, depends on the producer only, so one published code serves every adapter
 calibrated against it): x [T, d] -> z = (x - mean) @ basis / std   [T, r], whitened PCA code,
-then quantized with static Gaussian steps (quant.py). h slots' PCA is taken in the metric of
-the producer's K/V projections (importance.py), so their bits go where K/V error would be. Components that get 0 bits are dropped,
-so the rank of each slot falls out of the bit allocation.
+then quantized with static Gaussian steps (quant.py). Components that get 0 bits are dropped,
+so the rank of each slot falls out of the bit allocation. An h slot's PCA can instead be taken in
+the metric of the producer's K/V projections (importance.py, calibrate --patch-metric kv).
 
 Decoder (per consumer): z -> x_hat [T, d] by a Translator (affine map + optional residual MLP),
 then keys are re-rotated with the consumer's RoPE base; h slots go through the consumer's own

@@ -8,7 +8,9 @@ the consumer. PCA of (h - mean) @ A then ranks directions by the K/V variance th
 water-filling spends the bits where the K/V error would be (fit_slot_encoder(..., metric=A)).
 
 Measured (docs/codec.md): with the consumer's own h sent through 4-bit codes of 8 patch layers,
-first-answer-token KL 0.020 for plain PCA of h vs 0.006 in this metric, at the same bytes.
+first-answer-token KL 0.020 for plain PCA of h vs 0.006 in this metric, at the same bytes. The
+distilled adapter did not get better with it (its error is the predictor's), so it is an option,
+not the default.
 """
 
 from __future__ import annotations

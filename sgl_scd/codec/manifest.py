@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sgl_scd import rope
+from sgl_scd import models, rope
 from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot, context_inputs
 from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.models import LoadedModel
@@ -121,8 +121,6 @@ def adapter_dir(consumer_spec: str, path: str | Path | None = None) -> Path:
 def load_with_models(consumer_spec: str, path: str | Path | None = None, producer_spec: str = "base"
                      ) -> tuple[LoadedModel, LoadedModel, Adapter]:
     """(producer, consumer, adapter) as analysis scripts need them, the adapter checked against both."""
-    from sgl_scd import models
-
     producer, consumer = models.load(producer_spec), models.load(consumer_spec)
     return producer, consumer, load_adapter(adapter_dir(consumer_spec, path), producer, consumer)
 
