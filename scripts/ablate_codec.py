@@ -134,6 +134,11 @@ def main(argv=None):
     patch = sorted(layer for layer, _ in ranked[:8])
     hidden_size = cons.config.hidden_size
 
+    def with_h_codes(kv_fit, h_fit_):  # one codec: the reuse slots of kv_fit, the patch (h) slots of h_fit_
+        (enc_kv, aff_kv), (enc_h, aff_h) = kv_fit, h_fit_
+        enc = ProducerEncoder({s: (enc_h if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
+        return enc, {s: (aff_h if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+
     def h_fit(h_bpd):  # encoders + decoders of h slots at h_bpd bits per hidden dim, fitted once
         b = round(h_bpd * hidden_size)
         if b not in h_fits:
@@ -142,25 +147,17 @@ def main(argv=None):
 
     for kv_bpd in (3.0, 6.0):
         for h_bpd in (2.0, 4.0):
-            enc_h, aff_h = h_fit(h_bpd)
-            enc_kv, aff_kv = fits[kv_bpd]
-            enc = ProducerEncoder({s: (enc_h if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
-            aff = {s: (aff_h if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+            enc, aff = with_h_codes(fits[kv_bpd], h_fit(h_bpd))
             emit(f"patch top-8, reuse {kv_bpd} bits/dim, patch {h_bpd} bits/hidden dim",
                  *kl_of(enc, aff, patch, cons, ident, dev, hidden), patch=patch, bits_per_dim=kv_bpd,
                  patch_bits_per_dim=h_bpd)
-    enc_h, aff_h = h_fit(4.0)
-    enc_kv, aff_kv = fits[3.0]
-    enc = ProducerEncoder({s: (enc_h if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
-    aff = {s: (aff_h if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+    enc, aff = with_h_codes(fits[3.0], h_fit(4.0))
     for context in ("own", "kv", "kv+h"):  # the demo plan's bits; context adds no payload
         emit(f"patch top-8, reuse 3 / patch 4 bits, decoder context {context}",
              *kl_of(enc, aff, patch, cons, ident, dev, hidden, context, train), patch=patch, context=context)
-    # the same bytes with the h codes' PCA in the K/V metric of the producer's projections (calibrate's default)
-    enc_m, aff_m = fit_codec(train, {"k": 0, "v": 0, "h": round(4.0 * hidden_size)}, theta, 1e-3, kinds=("h",),
-                             metric=lambda s: importance.kv_metric(prod.model, s.layer))
-    enc = ProducerEncoder({s: (enc_m if s.kind == "h" else enc_kv).slots[s] for s in enc_kv.slots}, theta)
-    aff = {s: (aff_m if s.kind == "h" else aff_kv)[s] for s in enc_kv.slots}
+    # the same bytes with the h codes' PCA in the K/V metric of the producer's projections (calibrate --patch-metric kv)
+    enc, aff = with_h_codes(fits[3.0], fit_codec(train, {"k": 0, "v": 0, "h": round(4.0 * hidden_size)}, theta, 1e-3,
+                                                 kinds=("h",), metric=lambda s: importance.kv_metric(prod.model, s.layer)))
     emit("patch top-8, reuse 3 / patch 4 bits, decoder context kv+h, h codes in the K/V metric",
          *kl_of(enc, aff, patch, cons, ident, dev, hidden, "kv+h", train), patch=patch, context="kv+h", metric="kv")
     write_jsonl(args.json, rows, vars(args))
