@@ -38,10 +38,10 @@ from sgl_scd import data, evaluate, models, runtime
 from sgl_scd.codec import distill, importance, wire
 from sgl_scd.codec import manifest as mf
 from sgl_scd.codec.codec import (
-    CONTEXTS,
     ProducerEncoder,
     Slot,
     fit_slot_encoder,
+    parse_context,
     plan_slots,
     slot_input,
 )
@@ -135,6 +135,15 @@ def layer_bits(spec: str) -> dict[int, float]:
         if not 0 < out[int(layer)] <= 8:
             raise argparse.ArgumentTypeError(f"bits per dim must be in (0, 8], got {part}")
     return out
+
+
+def decoder_context(spec: str) -> str:
+    """argparse type of --decoder-context: a context context_inputs() knows (names the bad value)."""
+    try:
+        parse_context(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def fit_subset(n: int, n_fit: int) -> list[int]:
@@ -332,7 +341,8 @@ def calibrate(args) -> Path:
                                                       args.answer_tokens)])
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
                              delta_rank=args.delta_rank, long_share=args.long_share,
-                             last_share=args.last_share, answer_share=args.answer_share, log=log)
+                             last_share=args.last_share, answer_share=args.answer_share,
+                             weight_decay=args.weight_decay, log=log)
     dec.eval().requires_grad_(False)
     revision = mf.encoder_revision(enc)
     raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
@@ -358,7 +368,8 @@ def calibrate(args) -> Path:
                         "n_fit": len(fit_idx),
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
-                        "delta_rank": args.delta_rank, "long_share": args.long_share,
+                        "weight_decay": args.weight_decay, "delta_rank": args.delta_rank,
+                        "long_share": args.long_share,
                         "last_share": args.last_share, "answer_tokens": args.answer_tokens,
                         "answer_share": args.answer_share,
                         "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
@@ -438,14 +449,17 @@ def main(argv=None) -> None:
                         "(default 0: prompt positions only)")
     p.add_argument("--answer-share", type=float, default=0.15,
                    help="share of each prompt's loss on those answer tokens (default 0.15)")
-    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
+    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW decay of the learned corrections toward the closed-form start (default 0; "
+                        "decoupled, so it acts as lr x decay per step: values of 10-100 matter at lr 1e-4)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
-    p.add_argument("--decoder-context", choices=CONTEXTS, default="kv+h",
+    p.add_argument("--decoder-context", type=decoder_context, default="kv+h",
                    help="codes each translator reads: own (its slot's), kv (a reuse slot its layer's K and V), "
                         "kv+h (those and the nearest patch layer's normalized input; kv without patch "
                         "layers), kv+hh (kv+h, and each patch slot also the nearest other patch layer's), kv+hall (kv+h, "
-                        "and each patch slot every patch layer's); "
-                        "context costs no payload, only rebuild compute (default kv+h)")
+                        "and each patch slot every patch layer's), kv+hall@23,24 (kv+hall for patch layers 23 "
+                        "and 24 only); context costs no payload, only rebuild compute (default kv+h)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -467,12 +481,20 @@ def main(argv=None) -> None:
         p.error(f"--answer-share must be in [0, 1), got {args.answer_share}")
     if args.n_fit < 1:
         p.error(f"--n-fit must be >= 1, got {args.n_fit}")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.delta_rank < 0:
         p.error(f"--delta-rank must be >= 0, got {args.delta_rank}")
     if args.patch_count < 0:
         p.error(f"--patch-count must be >= 0, got {args.patch_count}")
     if args.patch_layers is not None and not all(x.strip().isdigit() for x in args.patch_layers.split(",") if x.strip()):
         p.error(f"--patch-layers must be comma-separated layer indices, got {args.patch_layers!r}")
+    wide = parse_context(args.decoder_context)[1]
+    if wide is not None:
+        patch = {int(x) for x in (args.patch_layers or "").split(",") if x.strip()}
+        if args.patch_layers is None or not set(wide) <= patch:
+            p.error(f"--decoder-context {args.decoder_context} needs its layers among --patch-layers "
+                    f"(got {args.patch_layers!r})")
     calibrate(args)
 
 

@@ -142,8 +142,15 @@ def test_decoder_context_inputs():
     wide = context_inputs(plan_slots(6, [1, 3, 4]), "kv+hall")  # patch slots read every patch code, own first
     assert wide[Slot(3, "h")] == (Slot(3, "h"), Slot(1, "h"), Slot(4, "h"))
     assert wide[Slot(2, "k")] == context_inputs(plan_slots(6, [1, 3, 4]), "kv+h")[Slot(2, "k")]
-    with pytest.raises(ValueError, match="'kvh'"):
-        context_inputs(slots, "kvh")
+    part = context_inputs(plan_slots(6, [1, 3, 4]), "kv+hall@3")  # wide at layer 3 only, kv+h elsewhere
+    assert part[Slot(3, "h")] == wide[Slot(3, "h")] and part[Slot(1, "h")] == (Slot(1, "h"),)
+    assert part[Slot(2, "k")] == wide[Slot(2, "k")]
+    assert context_inputs(plan_slots(6, [1, 3, 4]), "kv+hall@1,3,4") == wide
+    with pytest.raises(ValueError, match=r"layers \[2\] that are not patch layers"):
+        context_inputs(plan_slots(6, [1, 3, 4]), "kv+hall@2,3")
+    for bad in ("kvh", "kv+h@3", "kv+hall@x"):
+        with pytest.raises(ValueError, match=f"'{bad}'".replace("+", r"\+")):
+            context_inputs(slots, bad)
     dims = {s: (3 if s.kind == "h" else 2, 4) for s in slots}
     dec = ConsumerDecoder(dims, {}, 1e4, 1, 4, kvh)  # a translator's input width is the sum of its inputs' ranks
     assert dec.translator(Slot(3, "k")).lin.in_features == 2 + 2 + 3

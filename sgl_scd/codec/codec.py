@@ -304,28 +304,46 @@ def _nearest(layers: list[int], to: int) -> int:
     return min(layers, key=lambda p: (abs(p - to), p))  # a tie goes to the lower layer
 
 
+def parse_context(context: str) -> tuple[str, tuple[int, ...] | None]:
+    """("kv+hall", (23, 24)) from "kv+hall@23,24"; a plain context has no layer list (None)."""
+    base, at, layers = context.partition("@")
+    if base not in CONTEXTS or (at and base != "kv+hall"):
+        raise ValueError(f"decoder context must be one of {CONTEXTS} or kv+hall@<patch layers>, got {context!r}")
+    if not at:
+        return base, None
+    try:
+        return base, tuple(sorted({int(x) for x in layers.split(",")}))
+    except ValueError:
+        raise ValueError(f"decoder context {context!r}: the layers after @ must be integers like 23,24") from None
+
+
 def context_inputs(slots, context: str) -> dict[Slot, tuple[Slot, ...]]:
     """Which codes each slot's translator reads: "own" its slot's alone; "kv" a reuse slot reads
     its layer's K and V codes (both come from the same hidden state); "kv+h" those plus the code
     of the nearest patch layer's normalized input (a full view of the producer's hidden state
     nearby); "kv+hh" also gives each patch slot the code of the nearest other patch layer, "kv+hall"
     every patch layer's (the producer's state across depth predicts a consumer's layer input
-    better than one layer's does). Otherwise patch slots read their own code."""
-    if context not in CONTEXTS:
-        raise ValueError(f"decoder context must be one of {CONTEXTS}, got {context!r}")
+    better than one layer's does); "kv+hall@23,24" does that for patch layers 23 and 24 only
+    (the others as in kv+h), so the rebuild pays for the wide view only where it buys most.
+    Otherwise patch slots read their own code."""
+    base, wide_at = parse_context(context)
     slots = sorted(slots)
     patch = [s.layer for s in slots if s.kind == "h"]
+    if wide_at is not None and not set(wide_at) <= set(patch):
+        raise ValueError(f"decoder context {context!r} names layers {sorted(set(wide_at) - set(patch))} "
+                         f"that are not patch layers {patch}")
+    wide = set(patch if wide_at is None else wide_at) if base == "kv+hall" else set()
     out = {}
     for s in slots:
         if s.kind == "h":
             others = [p for p in patch if p != s.layer]
-            if context == "kv+hall":
+            if s.layer in wide:
                 out[s] = (s, *(Slot(p, "h") for p in others))
             else:
-                out[s] = (s, Slot(_nearest(others, s.layer), "h")) if context == "kv+hh" and others else (s,)
-        elif context == "own":
+                out[s] = (s, Slot(_nearest(others, s.layer), "h")) if base == "kv+hh" and others else (s,)
+        elif base == "own":
             out[s] = (s,)
         else:
             ins = (Slot(s.layer, "k"), Slot(s.layer, "v"))
-            out[s] = ins + (Slot(_nearest(patch, s.layer), "h"),) if context != "kv" and patch else ins
+            out[s] = ins + (Slot(_nearest(patch, s.layer), "h"),) if base != "kv" and patch else ins
     return out
