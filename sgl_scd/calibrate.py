@@ -339,10 +339,12 @@ def calibrate(args) -> Path:
     for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
         train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots),
                                                       args.answer_tokens)])
+    wide = parse_context(args.decoder_context)[1] or ()
+    lr_scale = {Slot(layer, "h"): args.wide_lr_scale for layer in wide}
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
                              delta_rank=args.delta_rank, long_share=args.long_share,
                              last_share=args.last_share, answer_share=args.answer_share,
-                             weight_decay=args.weight_decay, log=log)
+                             lr_scale=lr_scale, log=log)
     dec.eval().requires_grad_(False)
     revision = mf.encoder_revision(enc)
     raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
@@ -368,7 +370,7 @@ def calibrate(args) -> Path:
                         "n_fit": len(fit_idx),
                         "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
                         "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
-                        "weight_decay": args.weight_decay, "delta_rank": args.delta_rank,
+                        "wide_lr_scale": args.wide_lr_scale, "delta_rank": args.delta_rank,
                         "long_share": args.long_share,
                         "last_share": args.last_share, "answer_tokens": args.answer_tokens,
                         "answer_share": args.answer_share,
@@ -449,10 +451,7 @@ def main(argv=None) -> None:
                         "(default 0: prompt positions only)")
     p.add_argument("--answer-share", type=float, default=0.15,
                    help="share of each prompt's loss on those answer tokens (default 0.15)")
-    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW decay of the learned corrections toward the closed-form start (default 0; "
-                        "decoupled, so it acts as lr x decay per step: values of 10-100 matter at lr 1e-4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--decoder-context", type=decoder_context, default="kv+h",
                    help="codes each translator reads: own (its slot's), kv (a reuse slot its layer's K and V), "
@@ -460,6 +459,10 @@ def main(argv=None) -> None:
                         "layers), kv+hh (kv+h, and each patch slot also the nearest other patch layer's), kv+hall (kv+h, "
                         "and each patch slot every patch layer's), kv+hall@23,24 (kv+hall for patch layers 23 "
                         "and 24 only); context costs no payload, only rebuild compute (default kv+h)")
+    p.add_argument("--wide-lr-scale", type=float, default=1.0,
+                   help="with kv+hall@LAYERS, those layers' predictors learn at this multiple of --lr (default 1; "
+                        "0 keeps them at their closed form): Adam moves a map's output in proportion to its input "
+                        "width, and the wide ones read every patch code (docs/codec.md)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -481,8 +484,8 @@ def main(argv=None) -> None:
         p.error(f"--answer-share must be in [0, 1), got {args.answer_share}")
     if args.n_fit < 1:
         p.error(f"--n-fit must be >= 1, got {args.n_fit}")
-    if args.weight_decay < 0:
-        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.wide_lr_scale < 0:
+        p.error(f"--wide-lr-scale must be >= 0, got {args.wide_lr_scale}")
     if args.delta_rank < 0:
         p.error(f"--delta-rank must be >= 0, got {args.delta_rank}")
     if args.patch_count < 0:

@@ -154,3 +154,30 @@ def test_answer_supervision_matches_the_oracle_with_its_own_kv(demo_ft):
                                            [torch.cat([cap.v, ans["answer_v"].to(cap.v.dtype)], 1)],
                                            [list(range(n, n + len(ans["answer"])))])
     assert float(kl_rows(ans["answer_logp"], logits).max()) < 1e-2
+
+
+def test_distill_trains_all_but_frozen_translators(base, demo_ft, small_adapter):
+    """distill(lr_scale={slot: 0}) leaves that slot's translator bitwise at its start and trains the
+    rest. dev = train and a high learning rate, so one epoch lowers those prompts' KL and is kept
+    (a kept start would make frozen and untrained look alike)."""
+    import copy
+    import random
+
+    from sgl_scd.calibrate import capture_pair, distill_samples
+    from sgl_scd.codec import distill
+
+    enc = small_adapter.encoder
+    dec = copy.deepcopy(small_adapter.decoder).requires_grad_(True)
+    rng = random.Random(0)
+    caps = [capture_pair(base, demo_ft, data.prompt_ids(base.tokenizer, it), 8, rng, list(enc.slots))
+            for it in data.load_tomi("train")[:4]]
+    samples = distill_samples(enc, caps)
+    frozen = next(s for s in dec.slots if s.kind == "h")
+    prefix = f"translators.{frozen.name.replace('.', '_')}."
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    result = distill.distill(demo_ft.model, dec, samples, samples, epochs=1, lr=1e-3, delta_rank=4,
+                             lr_scale={frozen: 0.0}, log=lambda *_: None)
+    after = dec.state_dict()
+    assert result["epoch"] == 1
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith(prefix))

@@ -148,11 +148,6 @@ def group_weights(samples: list[DistillSample], long_share: float | None) -> lis
     return [per[length_group(s)] for s in samples]
 
 
-def _corrects(name: str) -> bool:
-    """A parameter whose zero leaves the closed-form start unchanged in effect (weight decay's target)."""
-    return name.rsplit(".", 1)[-1] in ("delta_a", "delta_b") or name.endswith(("up.weight", "down.weight"))
-
-
 def _fmt(by_group: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in by_group.items())
 
@@ -160,7 +155,7 @@ def _fmt(by_group: dict) -> str:
 def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample], dev: list[DistillSample],
             *, epochs: int = 6, lr: float = 3e-4, batch: int = 8, seed: int = 0, delta_rank: int = 0,
             long_share: float | None = None, last_share: float = 0.15, answer_share: float = 0.15,
-            max_tokens: int = 1024, weight_decay: float = 0.0, log=print) -> dict:
+            max_tokens: int = 1024, lr_scale: dict[Slot, float] | None = None, log=print) -> dict:
     """Train decoder in place; keeps the parameters of the epoch with the best dev_score.
 
     delta_rank > 0 trains only a rank-delta_rank correction of each affine map (plus biases and
@@ -169,20 +164,21 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
     loss share on its first answer token and answer_share that on its teacher-forced answer
     tokens, if the samples carry any (position_weights); max_tokens: padded tokens
     per forward (micro_batches; the gradient is the same, short prompts just run together);
-    weight_decay: AdamW's decay of what starts at zero effect (the low-rank corrections and the
-    MLP weights), pulling the decoder back toward its closed-form start, never the closed-form
-    maps and biases themselves."""
+    lr_scale: per-slot multipliers of lr (default 1; 0 keeps that translator at its closed form).
+    Adam moves every weight by about lr per step, so a map's output moves in proportion to its
+    input width: a translator reading 8 codes moves ~8x faster than one reading its own."""
     g = torch.Generator().manual_seed(seed)
     weights = group_weights(train, long_share)
-    translators = list(decoder.translators.values())
+    scale = {s: (lr_scale or {}).get(s, 1.0) for s in decoder.slots}
+    for s in decoder.slots:
+        decoder.translator(s).requires_grad_(scale[s] > 0)
+    translators = [decoder.translator(s) for s in decoder.slots if scale[s] > 0]
     if delta_rank > 0:
         for t in translators:
             t.start_low_rank(delta_rank, g)
-    trainable = [(n, p) for n, p in decoder.named_parameters() if p.requires_grad]
-    decays = [p for n, p in trainable if _corrects(n)]
-    keeps = [p for n, p in trainable if not _corrects(n)]
-    opt = torch.optim.AdamW([{"params": decays, "weight_decay": weight_decay},
-                             {"params": keeps, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": [p for p in decoder.translator(s).parameters() if p.requires_grad], "lr": lr * scale[s]}
+              for s in decoder.slots if scale[s] > 0]
+    opt = torch.optim.Adam(groups, lr=lr)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     score, by_group = dev_score(consumer_model, decoder, dev)
