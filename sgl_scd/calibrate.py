@@ -137,6 +137,14 @@ def layer_bits(spec: str) -> dict[int, float]:
     return out
 
 
+def layer_list(spec: str) -> list[int]:
+    """"23,17" -> [17, 23] (argparse type of --patch-layers; names the bad value)."""
+    parts = [x.strip() for x in spec.split(",") if x.strip()]
+    if not all(x.isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {spec}")
+    return sorted({int(x) for x in parts})
+
+
 def decoder_context(spec: str) -> str:
     """argparse type of --decoder-context: a context context_inputs() knows (names the bad value)."""
     try:
@@ -321,7 +329,7 @@ def calibrate(args) -> Path:
     ident = mf.model_identity(consumer)
     hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
     if args.patch_layers is not None:
-        patch = sorted({int(x) for x in args.patch_layers.split(",") if x.strip()})
+        patch = args.patch_layers
     elif args.patch_count > 0:
         ranked = rank_patch_layers(enc_all, affine, consumer, ident, dev, hidden)
         patch = sorted(layer for layer, gain in ranked[: args.patch_count] if gain > 0)
@@ -429,7 +437,7 @@ def main(argv=None) -> None:
                         "to directions those ignore (a 3x lower quantization floor, docs/codec.md)")
     p.add_argument("--patch-count", type=int, default=6,
                    help="patch the N layers with the largest held-out gain (default 6; 0 = reuse only)")
-    p.add_argument("--patch-layers", help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
+    p.add_argument("--patch-layers", type=layer_list, help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
     p.add_argument("--hidden-kv", type=int, default=0, help="residual MLP width of K/V decoders (default 0)")
     p.add_argument("--hidden-h", type=int, default=256, help="residual MLP width of patch predictors")
     p.add_argument("--positions", type=int, default=24,
@@ -490,14 +498,10 @@ def main(argv=None) -> None:
         p.error(f"--delta-rank must be >= 0, got {args.delta_rank}")
     if args.patch_count < 0:
         p.error(f"--patch-count must be >= 0, got {args.patch_count}")
-    if args.patch_layers is not None and not all(x.strip().isdigit() for x in args.patch_layers.split(",") if x.strip()):
-        p.error(f"--patch-layers must be comma-separated layer indices, got {args.patch_layers!r}")
     wide = parse_context(args.decoder_context)[1]
-    if wide is not None:
-        patch = {int(x) for x in (args.patch_layers or "").split(",") if x.strip()}
-        if args.patch_layers is None or not set(wide) <= patch:
-            p.error(f"--decoder-context {args.decoder_context} needs its layers among --patch-layers "
-                    f"(got {args.patch_layers!r})")
+    if wide is not None and (args.patch_layers is None or not set(wide) <= set(args.patch_layers)):
+        p.error(f"--decoder-context {args.decoder_context} needs its layers among --patch-layers "
+                f"(got {args.patch_layers})")
     calibrate(args)
 
 
