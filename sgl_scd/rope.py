@@ -33,8 +33,10 @@ def cos_sin(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch
 @lru_cache(maxsize=64)
 def _tables(theta: float, head_dim: int, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, 1, D] cos/sin for positions start..start+t-1, cached: a rebuild rotates 30 layers
-    at the same positions."""
-    cos, sin = cos_sin(theta, head_dim, torch.arange(start, start + t))
+    at the same positions. Built outside inference mode, so tables first made while serving can
+    still be used by a distillation's autograd later in the same process."""
+    with torch.inference_mode(False):
+        cos, sin = cos_sin(theta, head_dim, torch.arange(start, start + t))
     return cos[:, None, :], sin[:, None, :]
 
 

@@ -39,3 +39,14 @@ def test_non_default_rope_is_refused():
         assert "yarn" in str(e)
     else:
         raise AssertionError("yarn RoPE must be refused")
+
+
+def test_tables_made_while_serving_work_under_autograd():
+    """The cached cos/sin tables are shared by serving (inference mode) and distillation
+    (autograd) in one process; a table first built in inference mode must not break backward."""
+    x = torch.randn(7, 2, 8)
+    with torch.inference_mode():
+        rope.rotate(x, 1234.5, start=3)  # fills the cache for these positions
+    y = x.clone().requires_grad_(True)
+    rope.rotate(y, 1234.5, start=3).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
