@@ -172,13 +172,12 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
     scale = {s: (lr_scale or {}).get(s, 1.0) for s in decoder.slots}
     for s in decoder.slots:
         decoder.translator(s).requires_grad_(scale[s] > 0)
-    translators = [decoder.translator(s) for s in decoder.slots if scale[s] > 0]
+    translators = {s: decoder.translator(s) for s in decoder.slots if scale[s] > 0}
     if delta_rank > 0:
-        for t in translators:
+        for t in translators.values():
             t.start_low_rank(delta_rank, g)
-    groups = [{"params": [p for p in decoder.translator(s).parameters() if p.requires_grad], "lr": lr * scale[s]}
-              for s in decoder.slots if scale[s] > 0]
-    opt = torch.optim.Adam(groups, lr=lr)
+    opt = torch.optim.Adam([{"params": [p for p in t.parameters() if p.requires_grad], "lr": lr * scale[s]}
+                            for s, t in translators.items()], lr=lr)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     score, by_group = dev_score(consumer_model, decoder, dev)
@@ -210,6 +209,6 @@ def distill(consumer_model, decoder: ConsumerDecoder, train: list[DistillSample]
             best = {"epoch": epoch, "dev_kl": score, "dev_kl_by_group": by_group}
             best_state = {k: v.clone() for k, v in decoder.state_dict().items()}
     decoder.load_state_dict(best_state)
-    for t in translators:
+    for t in translators.values():
         t.merge_low_rank()
     return {**best, "history": history}
