@@ -176,6 +176,33 @@ def test_unpack_pages_equals_page_by_page():
     assert np.array_equal(quant.unpack_pages(blobs, 16, widths), np.concatenate(pages))
 
 
+def _reference_unpack(blob: bytes, num_tokens: int, widths: np.ndarray) -> np.ndarray:
+    """The wire layout read the slow, obvious way: per width group, the group's bytes as one
+    little-endian integer and field k at bits [k*b, (k+1)*b)."""
+    out, off = np.zeros((num_tokens, len(widths)), np.int64), 0
+    for b in sorted(set(widths.tolist()) - {0}):
+        cols = np.flatnonzero(widths == b)
+        nbytes = (num_tokens * len(cols) * b + 7) // 8
+        stream = int.from_bytes(blob[off : off + nbytes], "little")
+        for k in range(num_tokens * len(cols)):
+            out[k // len(cols), cols[k % len(cols)]] = (stream >> (k * b)) & ((1 << b) - 1)
+        off += nbytes
+    return out
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 8, 13, 64])
+def test_unpack_matches_the_layout_for_every_width(num_tokens):
+    """Every width 1..8, in runs and interleaved (PCA order gives runs; any order must work),
+    token counts that do and do not fill whole 8-field chunks."""
+    rng = np.random.default_rng(num_tokens)
+    widths = np.concatenate([np.arange(8, -1, -1), rng.integers(0, 9, 23), [1, 1, 7, 7, 7, 3]])
+    q = np.stack([rng.integers(0, 1 << b, num_tokens) for b in widths], 1)  # width 0 -> 0
+    blob = quant.pack_bits(q, widths)
+    assert np.array_equal(_reference_unpack(blob, num_tokens, widths), q)
+    assert np.array_equal(quant.unpack_bits(blob, num_tokens, widths), q)
+    assert np.array_equal(quant.unpack_pages([blob, blob], num_tokens, widths), np.concatenate([q, q]))
+
+
 def test_position_weights_keep_the_last_share():
     from sgl_scd.codec.distill import position_weights
 

@@ -100,28 +100,63 @@ def packed_size(num_tokens: int, widths: np.ndarray) -> int:
     return sum((num_tokens * int((widths == b).sum()) * b + 7) // 8 for b in set(widths.tolist()) - {0})
 
 
+def _runs(widths: np.ndarray) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Per nonzero width b (ascending), the column runs [(dst_start, dst_stop, src_start)] that
+    place its packed group (columns of width b, in order) into the full row. PCA order makes the
+    widths non-increasing within a slot, so this is a few runs per slot, not one per column."""
+    out = []
+    for b in sorted(set(widths.tolist()) - {0}):
+        cols = np.flatnonzero(widths == b)
+        breaks = np.flatnonzero(np.diff(cols) != 1) + 1
+        starts, stops = np.split(cols, breaks), 0
+        runs = []
+        for run in starts:
+            runs.append((int(run[0]), int(run[-1]) + 1, stops))
+            stops += len(run)
+        out.append((b, runs))
+    return out
+
+
+def _unpack_fields(group: np.ndarray, count: int, b: int) -> np.ndarray:
+    """[P, count] values of an LSB-first stream of b-bit fields, group [P, bytes].
+
+    Eight b-bit fields fill exactly b bytes, so the stream is viewed as [P, chunks, b] bytes and
+    field i of every chunk is one strided shift-and-mask of fixed byte columns: no per-bit pass."""
+    pages, nbytes = group.shape
+    chunks = -(-count // 8)
+    if chunks * b != nbytes:  # a partial last chunk: zero-pad it
+        group = np.concatenate([group, np.zeros((pages, chunks * b - nbytes), np.uint8)], 1)
+    c = group.reshape(pages, chunks, b)
+    vals = np.empty((pages, chunks, 8), np.uint8)
+    mask = (1 << b) - 1
+    for i in range(8):
+        byte, shift = divmod(i * b, 8)
+        v = c[:, :, byte] >> shift
+        if shift + b > 8:
+            v = v | (c[:, :, byte + 1] << (8 - shift))  # uint8: the carried high bits wrap away
+        vals[:, :, i] = v & mask
+    return vals.reshape(pages, chunks * 8)[:, :count]
+
+
 def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> np.ndarray:
     """unpack_bits() of several same-length pages at once -> [pages * num_tokens, r].
-    One numpy pass per width group over all pages (the hot path of a rebuild)."""
+    One pass per width group over all pages (the hot path of a rebuild)."""
     expected = packed_size(num_tokens, widths)
     for p in payloads:
         if len(p) != expected:
             raise ValueError(f"packed codes are {len(p)} bytes, expected {expected}")
-    buf = np.frombuffer(b"".join(payloads), np.uint8).reshape(len(payloads), expected)  # [P, bytes]
-    out = np.zeros((len(payloads), num_tokens, len(widths)), dtype=np.int32)
+    pages = len(payloads)
+    buf = np.frombuffer(b"".join(payloads), np.uint8).reshape(pages, expected)  # [P, bytes]
+    out = np.zeros((pages, num_tokens, len(widths)), dtype=np.int32)
     off = 0
-    for b in sorted(set(widths.tolist()) - {0}):
-        cols = widths == b
-        n = num_tokens * int(cols.sum()) * b
-        nbytes = (n + 7) // 8
-        bits = np.unpackbits(buf[:, off : off + nbytes], axis=1, bitorder="little")[:, :n]
-        bits = bits.reshape(len(payloads), num_tokens, int(cols.sum()), b)
-        vals = bits[..., 0].copy()  # uint8 throughout: b <= 8
-        for j in range(1, b):
-            vals |= bits[..., j] << j
-        out[:, :, cols] = vals
+    for b, runs in _runs(widths):
+        n = runs[-1][2] + runs[-1][1] - runs[-1][0]  # columns of width b
+        nbytes = (num_tokens * n * b + 7) // 8
+        vals = _unpack_fields(buf[:, off : off + nbytes], num_tokens * n, b).reshape(pages, num_tokens, n)
+        for dst, stop, src in runs:
+            out[:, :, dst:stop] = vals[:, :, src : src + stop - dst]
         off += nbytes
-    return out.reshape(len(payloads) * num_tokens, len(widths))
+    return out.reshape(pages * num_tokens, len(widths))
 
 
 def unpack_bits(blob: bytes, num_tokens: int, widths: np.ndarray) -> np.ndarray:
