@@ -9,6 +9,8 @@ water-filling: each next bit goes where it removes the most (variance-weighted) 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -86,35 +88,55 @@ def dequantize(q: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def pack_bits(q: np.ndarray, widths: np.ndarray) -> bytes:
-    """Pack q [T, r] (values < 2**widths) into bytes: component-major by width group, LSB first."""
-    chunks = []
+def _runs(widths: np.ndarray) -> tuple[tuple[int, tuple[tuple[int, int, int], ...]], ...]:
+    """Per nonzero width b (ascending), the column runs ((dst_start, dst_stop, src_start), ...)
+    that place its packed group (the columns of width b, in order) into the full row. PCA order
+    makes the widths non-increasing within a slot: a few runs per slot, not one per column."""
+    return _runs_of(np.ascontiguousarray(widths, np.int64).tobytes())
+
+
+@lru_cache(maxsize=16)
+def _runs_of(widths_bytes: bytes) -> tuple:
+    widths = np.frombuffer(widths_bytes, np.int64)
+    out = []
     for b in sorted(set(widths.tolist()) - {0}):
-        vals = q[:, widths == b].astype(np.uint32)  # [T, n_b]
-        bits = (vals[..., None] >> np.arange(b, dtype=np.uint32)) & 1  # [T, n_b, b]
-        chunks.append(np.packbits(bits.reshape(-1).astype(np.uint8), bitorder="little").tobytes())
-    return b"".join(chunks)
+        cols = np.flatnonzero(widths == b)
+        runs, src = [], 0
+        for run in np.split(cols, np.flatnonzero(np.diff(cols) != 1) + 1):
+            runs.append((int(run[0]), int(run[-1]) + 1, src))
+            src += len(run)
+        out.append((b, tuple(runs)))
+    return tuple(out)
+
+
+def pack_bits(q: np.ndarray, widths: np.ndarray) -> bytes:
+    """Pack q [T, r] (values < 2**widths) into bytes: per width group b (ascending), the group's
+    [T, n_b] values row by row as one LSB-first stream of b-bit fields."""
+    out = []
+    for b, runs in _runs(widths):
+        vals = np.concatenate([q[:, dst:stop] for dst, stop, _ in runs], 1).astype(np.uint8)  # [T, n_b]
+        out.append(_pack_fields(vals.reshape(-1), b))
+    return b"".join(out)
+
+
+def _pack_fields(vals: np.ndarray, b: int) -> bytes:
+    """Inverse of _unpack_fields for one page: uint8 values [count] -> ceil(count * b / 8) bytes."""
+    count = len(vals)
+    chunks = -(-count // 8)
+    v = np.zeros(chunks * 8, np.uint8)
+    v[:count] = vals
+    v = v.reshape(chunks, 8)
+    c = np.zeros((chunks, b), np.uint8)
+    for i in range(8):
+        byte, shift = divmod(i * b, 8)
+        c[:, byte] |= v[:, i] << shift  # uint8: the bits that spill over wrap away ...
+        if shift + b > 8:
+            c[:, byte + 1] |= v[:, i] >> (8 - shift)  # ... and land in the next byte
+    return c.reshape(-1)[: (count * b + 7) // 8].tobytes()
 
 
 def packed_size(num_tokens: int, widths: np.ndarray) -> int:
     return sum((num_tokens * int((widths == b).sum()) * b + 7) // 8 for b in set(widths.tolist()) - {0})
-
-
-def _runs(widths: np.ndarray) -> list[tuple[int, list[tuple[int, int, int]]]]:
-    """Per nonzero width b (ascending), the column runs [(dst_start, dst_stop, src_start)] that
-    place its packed group (columns of width b, in order) into the full row. PCA order makes the
-    widths non-increasing within a slot, so this is a few runs per slot, not one per column."""
-    out = []
-    for b in sorted(set(widths.tolist()) - {0}):
-        cols = np.flatnonzero(widths == b)
-        breaks = np.flatnonzero(np.diff(cols) != 1) + 1
-        starts, stops = np.split(cols, breaks), 0
-        runs = []
-        for run in starts:
-            runs.append((int(run[0]), int(run[-1]) + 1, stops))
-            stops += len(run)
-        out.append((b, runs))
-    return out
 
 
 def _unpack_fields(group: np.ndarray, count: int, b: int) -> np.ndarray:
@@ -147,7 +169,8 @@ def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> 
             raise ValueError(f"packed codes are {len(p)} bytes, expected {expected}")
     pages = len(payloads)
     buf = np.frombuffer(b"".join(payloads), np.uint8).reshape(pages, expected)  # [P, bytes]
-    out = np.zeros((pages, num_tokens, len(widths)), dtype=np.int32)
+    out = np.empty((pages, num_tokens, len(widths)), dtype=np.int32)
+    out[:, :, widths == 0] = 0
     off = 0
     for b, runs in _runs(widths):
         n = runs[-1][2] + runs[-1][1] - runs[-1][0]  # columns of width b
