@@ -156,8 +156,12 @@ class ProducerEncoder:
         return {s: (scale[s], offset[s]) for s in self.slots}
 
     def widths_array(self) -> np.ndarray:
-        """Widths of all components in slot order: the layout of one token's codes on the wire."""
-        return np.concatenate([e.widths.numpy() for e in self.slots.values()]).astype(np.int64)
+        """Widths of all components in slot order: the layout of one token's codes on the wire
+        (read-only, computed once: the wire asks for it per page)."""
+        if not hasattr(self, "_widths_cache"):
+            self._widths_cache = np.concatenate([e.widths.numpy() for e in self.slots.values()]).astype(np.int64)
+            self._widths_cache.flags.writeable = False
+        return self._widths_cache
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}

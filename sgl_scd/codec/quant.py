@@ -136,7 +136,9 @@ def _pack_fields(vals: np.ndarray, b: int) -> bytes:
 
 
 def packed_size(num_tokens: int, widths: np.ndarray) -> int:
-    return sum((num_tokens * int((widths == b).sum()) * b + 7) // 8 for b in set(widths.tolist()) - {0})
+    """Bytes of pack_bits() for num_tokens tokens: each width group padded to whole bytes."""
+    counts = np.bincount(widths, minlength=MAX_BITS + 1)
+    return int(sum((num_tokens * int(counts[b]) * b + 7) // 8 for b in range(1, len(counts)) if counts[b]))
 
 
 def _unpack_fields(group: np.ndarray, count: int, b: int) -> np.ndarray:
