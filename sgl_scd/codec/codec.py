@@ -96,10 +96,10 @@ class SlotEncoder:
         (exact when every component is kept; basis.T when the basis is orthonormal)."""
         return (z * self.std) @ torch.linalg.pinv(self.basis) + self.mean
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> int32 [T, r]
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> uint8 [T, r]
         return quant.quantize(self.whiten(x), self.widths)
 
-    def dequantize(self, q: torch.Tensor) -> torch.Tensor:  # int32 [T, r] -> [T, r]
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:  # uint8 [T, r] -> [T, r]
         return quant.dequantize(q, self.widths)
 
 
@@ -122,7 +122,7 @@ class ProducerEncoder:
         return sum(e.bits_per_token for e in self.slots.values())
 
     def encode(self, cap: runtime.PrefillCapture) -> dict[Slot, torch.Tensor]:
-        """Codes {slot: int32 [T, r]} for every token of the capture."""
+        """Codes {slot: uint8 [T, r]} for every token of the capture."""
         k_derot = cap.k_derotated()
         return {s: e.encode(slot_input(cap, s, k_derot)) for s, e in self.slots.items()}
 

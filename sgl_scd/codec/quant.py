@@ -64,15 +64,15 @@ def allocate_bits(var: torch.Tensor, budget_bits: int) -> torch.Tensor:
 
 
 def quantize(z: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Whitened codes z [T, r] -> unsigned integers [T, r] (int32) of the given widths (0 -> 0)."""
-    out = torch.zeros(z.shape, dtype=torch.int32)
+    """Whitened codes z [T, r] -> unsigned integers [T, r] (uint8: widths are <= 8 bits) of the given widths (0 -> 0)."""
+    out = torch.zeros(z.shape, dtype=torch.uint8)
     for b in widths.unique().tolist():
         if b == 0:
             continue
         cols = (widths == b).nonzero().squeeze(1)
         half = 1 << (b - 1)
         q = torch.floor(z[:, cols] / GAUSS_STEP[b]).clamp(-half, half - 1) + half
-        out[:, cols] = q.to(torch.int32)
+        out[:, cols] = q.to(torch.uint8)
     return out
 
 
@@ -171,7 +171,7 @@ def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> 
             raise ValueError(f"packed codes are {len(p)} bytes, expected {expected}")
     pages = len(payloads)
     buf = np.frombuffer(b"".join(payloads), np.uint8).reshape(pages, expected)  # [P, bytes]
-    out = np.empty((pages, num_tokens, len(widths)), dtype=np.int32)
+    out = np.empty((pages, num_tokens, len(widths)), dtype=np.uint8)
     out[:, :, widths == 0] = 0
     off = 0
     for b, runs in _runs(widths):

@@ -44,7 +44,7 @@ def _flatten(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor]) -> np.nd
 
 def encode_page(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec_digest: bytes,
                 page_index: int, page_size: int) -> bytes:
-    """One page's blob from codes {slot: int32 [T, r]} of exactly this page's tokens."""
+    """One page's blob from codes {slot: uint8 [T, r]} of exactly this page's tokens."""
     if len(codec_digest) != 16:
         raise ValueError(f"codec digest must be 16 bytes, got {len(codec_digest)}")
     flat = _flatten(encoder, codes)
@@ -92,7 +92,7 @@ def _check_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page
 
 def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page_index: int,
                 page_size: int) -> dict[Slot, torch.Tensor]:
-    """Codes {slot: int32 [n, r]} of one page; WireError if anything does not match."""
+    """Codes {slot: uint8 [n, r]} of one page; WireError if anything does not match."""
     n, payload = _check_page(encoder, blob, codec_digest, page_index, page_size)
     return encoder.split(torch.from_numpy(quant.unpack_bits(payload, n, encoder.widths_array())))
 
