@@ -64,7 +64,8 @@ def allocate_bits(var: torch.Tensor, budget_bits: int) -> torch.Tensor:
 
 
 def quantize(z: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Whitened codes z [T, r] -> unsigned integers [T, r] (uint8: widths are <= 8 bits) of the given widths (0 -> 0)."""
+    """Whitened codes z [T, r] -> unsigned integers [T, r] of the given widths (0 -> 0); uint8,
+    as widths are <= MAX_BITS = 8."""
     out = torch.zeros(z.shape, dtype=torch.uint8)
     for b in widths.unique().tolist():
         if b == 0:
