@@ -89,15 +89,16 @@ def dequantize(q: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _runs(widths: np.ndarray) -> tuple[tuple[int, tuple[tuple[int, int, int], ...]], ...]:
-    """Per nonzero width b (ascending), the column runs ((dst_start, dst_stop, src_start), ...)
-    that place its packed group (the columns of width b, in order) into the full row. PCA order
-    makes the widths non-increasing within a slot: a few runs per slot, not one per column."""
-    return _runs_of(np.ascontiguousarray(widths, np.int64).tobytes())
+def _groups(widths: np.ndarray) -> tuple[tuple[int, int, tuple[tuple[int, int, int], ...]], ...]:
+    """Per nonzero width b (ascending): (b, its column count n_b, the column runs
+    ((dst_start, dst_stop, src_start), ...) that place its packed group, the columns of width b
+    in order, into the full row). PCA order makes the widths non-increasing within a slot: a few
+    runs per slot, not one per column."""
+    return _groups_of(np.ascontiguousarray(widths, np.int64).tobytes())
 
 
 @lru_cache(maxsize=16)
-def _runs_of(widths_bytes: bytes) -> tuple:
+def _groups_of(widths_bytes: bytes) -> tuple:
     widths = np.frombuffer(widths_bytes, np.int64)
     out = []
     for b in sorted(set(widths.tolist()) - {0}):
@@ -106,7 +107,7 @@ def _runs_of(widths_bytes: bytes) -> tuple:
         for run in np.split(cols, np.flatnonzero(np.diff(cols) != 1) + 1):
             runs.append((int(run[0]), int(run[-1]) + 1, src))
             src += len(run)
-        out.append((b, tuple(runs)))
+        out.append((b, len(cols), tuple(runs)))
     return tuple(out)
 
 
@@ -114,8 +115,8 @@ def pack_bits(q: np.ndarray, widths: np.ndarray) -> bytes:
     """Pack q [T, r] (values < 2**widths) into bytes: per width group b (ascending), the group's
     [T, n_b] values row by row as one LSB-first stream of b-bit fields."""
     out = []
-    for b, runs in _runs(widths):
-        vals = np.concatenate([q[:, dst:stop] for dst, stop, _ in runs], 1).astype(np.uint8)  # [T, n_b]
+    for b, _, runs in _groups(widths):
+        vals = np.concatenate([q[:, dst:stop] for dst, stop, _ in runs], 1).astype(np.uint8, copy=False)  # [T, n_b]
         out.append(_pack_fields(vals.reshape(-1), b))
     return b"".join(out)
 
@@ -138,8 +139,7 @@ def _pack_fields(vals: np.ndarray, b: int) -> bytes:
 
 def packed_size(num_tokens: int, widths: np.ndarray) -> int:
     """Bytes of pack_bits() for num_tokens tokens: each width group padded to whole bytes."""
-    counts = np.bincount(widths, minlength=MAX_BITS + 1)
-    return int(sum((num_tokens * int(counts[b]) * b + 7) // 8 for b in range(1, len(counts)) if counts[b]))
+    return sum((num_tokens * n * b + 7) // 8 for b, n, _ in _groups(widths))
 
 
 def _unpack_fields(group: np.ndarray, count: int, b: int) -> np.ndarray:
@@ -175,8 +175,7 @@ def unpack_pages(payloads: list[bytes], num_tokens: int, widths: np.ndarray) -> 
     out = np.empty((pages, num_tokens, len(widths)), dtype=np.uint8)
     out[:, :, widths == 0] = 0
     off = 0
-    for b, runs in _runs(widths):
-        n = runs[-1][2] + runs[-1][1] - runs[-1][0]  # columns of width b
+    for b, n, runs in _groups(widths):
         nbytes = (num_tokens * n * b + 7) // 8
         vals = _unpack_fields(buf[:, off : off + nbytes], num_tokens * n, b).reshape(pages, num_tokens, n)
         for dst, stop, src in runs:
