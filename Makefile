@@ -24,7 +24,7 @@ endif
 	touch $(STAMP)
 
 models: install           ## demo model pair + data into the user cache (~20 min on 2 cores, once)
-	$(BIN)/python -m sgl_scd.models build
+	$(BIN)/python -m sgl_scd.demo build
 
 adapters: adapters/demo-ft/manifest.json   ## calibrate the demo SCD adapter (~55 min on 2 cores, once)
 

@@ -24,7 +24,6 @@ import sys
 import torch
 from tqdm import tqdm
 
-from sgl_scd import data, models
 from sgl_scd.calibrate import (
     capture_pair,
     decoder_for,
@@ -32,10 +31,13 @@ from sgl_scd.calibrate import (
     fit_codec,
     rank_patch_layers,
 )
-from sgl_scd.codec import distill, importance, quant
+from sgl_scd.calibration import distill, importance
 from sgl_scd.codec import manifest as mf
+from sgl_scd.codec import quant
 from sgl_scd.codec.codec import ProducerEncoder, SlotEncoder, fit_slot_encoder
 from sgl_scd.codec.factor import joint_factorization, pca
+from sgl_scd.demo import data
+from sgl_scd.hf import models
 from sgl_scd.runinfo import provenance, write_jsonl
 
 

@@ -18,10 +18,11 @@ import argparse
 
 import torch
 
-from sgl_scd import data, evaluate
 from sgl_scd.codec.manifest import load_with_models
-from sgl_scd.codec.serve import scd_method
-from sgl_scd.quality import kl_divergence, top2_margin
+from sgl_scd.demo import data
+from sgl_scd.evaluation import evaluate
+from sgl_scd.evaluation.methods import scd_method
+from sgl_scd.evaluation.quality import kl_divergence, top2_margin
 from sgl_scd.runinfo import write_jsonl
 
 BUCKETS = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 0.7), (0.7, 1.0)]

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from sgl_scd import data, evaluate, models
-from sgl_scd.codec import baselines
 from sgl_scd.codec.manifest import adapter_dir, load_adapter
-from sgl_scd.codec.serve import scd_method
+from sgl_scd.demo import data
+from sgl_scd.evaluation import baselines, evaluate
+from sgl_scd.evaluation.methods import scd_method
+from sgl_scd.hf import models
 from sgl_scd.runinfo import provenance
 
 BANDWIDTHS = (1, 10, 25, 100, 200, 400)

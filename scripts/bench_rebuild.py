@@ -23,10 +23,11 @@ import time
 
 import torch
 
-from sgl_scd import data, models, runtime
 from sgl_scd.codec import wire
 from sgl_scd.codec.manifest import adapter_dir, load_adapter
-from sgl_scd.codec.serve import encode_prompt
+from sgl_scd.demo import data
+from sgl_scd.evaluation.methods import encode_prompt
+from sgl_scd.hf import models, runtime
 from sgl_scd.runinfo import write_jsonl
 
 

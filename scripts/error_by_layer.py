@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sgl_scd import data, evaluate, runtime
 from sgl_scd.codec.codec import Slot
 from sgl_scd.codec.manifest import load_with_models
-from sgl_scd.codec.serve import encode_prompt, rebuild_kv
-from sgl_scd.quality import kl_divergence
+from sgl_scd.demo import data
+from sgl_scd.evaluation import evaluate
+from sgl_scd.evaluation.methods import encode_prompt, rebuild_kv
+from sgl_scd.evaluation.quality import kl_divergence
+from sgl_scd.hf import runtime
 from sgl_scd.runinfo import write_jsonl
 
 VIA_WIRE = "patch layers via wire"

@@ -16,7 +16,9 @@ import sys
 
 import torch
 
-from sgl_scd import data, evaluate, models
+from sgl_scd.demo import data
+from sgl_scd.evaluation import evaluate
+from sgl_scd.hf import models
 from sgl_scd.runinfo import provenance
 
 

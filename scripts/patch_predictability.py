@@ -20,9 +20,10 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from sgl_scd import data, models, runtime
 from sgl_scd.codec.factor import ridge
-from sgl_scd.quality import kl_divergence
+from sgl_scd.demo import data
+from sgl_scd.evaluation.quality import kl_divergence
+from sgl_scd.hf import models, runtime
 from sgl_scd.runinfo import write_jsonl
 
 

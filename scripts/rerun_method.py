@@ -5,8 +5,9 @@ re-running the rest: prints its JSON line (same fields as bench_pareto, minus TT
 import argparse
 import json
 
-from sgl_scd import data, evaluate, models
-from sgl_scd.codec import baselines
+from sgl_scd.demo import data
+from sgl_scd.evaluation import baselines, evaluate
+from sgl_scd.hf import models
 from sgl_scd.runinfo import provenance
 
 

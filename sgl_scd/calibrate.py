@@ -1,21 +1,26 @@
-"""Offline calibration of an SCD adapter for one producer -> consumer pair.
+"""Offline calibration: a producer's encoder (the published code set) and consumers' decoders.
 
-  python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft
-  python -m sgl_scd.calibrate --producer base --consumer path/to/peft_adapter --prompts calib.jsonl
+  python -m sgl_scd.calibrate --consumer demo-ft --encoder-only --name base-enc   # publishable encoder
+  python -m sgl_scd.calibrate --consumer demo-lora --encoder adapters/base-enc    # one more consumer
+  python -m sgl_scd.calibrate --consumer demo-ft --name demo-ft   # encoder (adapters/demo-ft-encoder) + decoders
+
+An encoder depends on the producer only (PCA bases and bit plans of K/V and of the normalized
+inputs at its patch layers); its patch layers are chosen by the dev-KL gain of patching each
+layer for a reference consumer (--consumer) or given (--patch-layers). Every consumer
+calibrated against an encoder reads the same published pages: adding one is a --encoder run.
 
 Steps (each shows progress):
   1. capture both models' prefill on the calibration prompts (train) and held-out prompts (dev);
   2. fit producer encoders per slot (PCA of de-rotated K, V and normalized inputs, bits spread
-     by water-filling under --bits-per-dim / --patch-bits-per-dim) and closed-form (ridge)
-     consumer decoders, on at most --n-fit of the calibration prompts (memory: every slot of
-     both models is kept for those);
-  3. rank layers by the dev-KL gain of patching them, pick the patch set (--patch-layers N|auto);
+     by water-filling under --bits-per-dim / --patch-bits-per-dim; skipped with --encoder) and
+     closed-form (ridge) consumer decoders, on at most --n-fit of the calibration prompts;
+  3. without --encoder: rank layers by the dev-KL gain of patching them, pick the patch set;
      refit the reuse decoders on their layer's K and V codes and the nearest patch layer's
-     (--decoder-context);
+     (--decoder-context); --encoder-only stops here and writes the encoder;
   4. distill the decoders end to end on KL to the consumer's own prefill, on every calibration
      prompt (the rest are captured now, keeping only their codes and the oracle's log-probs),
      and with --answer-tokens on the oracle's first answer tokens teacher-forced after it;
-  5. measure held-out KL / top-1 / F1 and write adapters/<name>/ (manifest + safetensors).
+  5. measure held-out KL / top-1 / F1 and write the adapter (manifest + decoder safetensors).
 The quality budget (--budget-kl) is the expected next-token KL vs the oracle on held-out
 prompts; the manifest records whether the result meets it.
 """
@@ -34,9 +39,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sgl_scd import data, evaluate, models, runtime
-from sgl_scd.codec import distill, importance, wire
+from sgl_scd.calibration import distill, importance
 from sgl_scd.codec import manifest as mf
+from sgl_scd.codec import wire
 from sgl_scd.codec.codec import (
     ProducerEncoder,
     Slot,
@@ -46,7 +51,11 @@ from sgl_scd.codec.codec import (
     slot_input,
 )
 from sgl_scd.codec.factor import ridge
-from sgl_scd.paths import ADAPTERS_DIR
+from sgl_scd.demo import data
+from sgl_scd.evaluation import evaluate
+from sgl_scd.hf import models, runtime
+from sgl_scd.hf.scd import check_models
+from sgl_scd.settings import ADAPTERS_DIR
 
 
 def log(msg: str) -> None:
@@ -78,26 +87,30 @@ def oracle_answer(consumer, ids: list[int], cap: runtime.PrefillCapture, max_tok
 
 
 def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,
-                 slots: list[Slot] | None = None, answer_tokens: int = 0) -> PairCapture:
+                 slots: list[Slot] | None = None, answer_tokens: int = 0, targets: bool | None = None
+                 ) -> PairCapture:
     """Both models' per-slot states for every prompt token, and the oracle's log-probs at
     n_positions sampled positions (always including the last).
 
-    slots: only these producer slots and no consumer targets (all that distilling an already
-    fitted codec needs). answer_tokens: also capture the oracle's first answer tokens
-    (oracle_answer)."""
+    slots: only these slots (default: K, V and h of every layer). targets: also the consumer's
+    states of those slots (what closed-form fits need; by default only when slots is None, as
+    distilling an already fitted codec needs codes and the oracle only). answer_tokens: also
+    capture the oracle's first answer tokens (oracle_answer)."""
+    targets = slots is None if targets is None else targets
     n = len(ids)
     positions = sorted(rng.sample(range(n - 1), min(n_positions - 1, n - 1))) + [n - 1]
-    fit = slots is None
-    if fit:
+    if slots is None:
         slots = [Slot(layer, kind) for layer in range(producer.config.num_hidden_layers) for kind in ("k", "v", "h")]
-    pc = runtime.capture_prefill(producer.model, ids, hidden=True)
-    cc = runtime.capture_prefill(consumer.model, ids, hidden=fit, logits_at=positions)
-    pk = pc.k_derotated()
-    ck = cc.k_derotated() if fit else None
+    h_layers = sorted({s.layer for s in slots if s.kind == "h"})
+    pc = runtime.capture_prefill(producer.model, ids, hidden=bool(h_layers))
+    cc = runtime.capture_prefill(consumer.model, ids, hidden=targets and bool(h_layers), logits_at=positions)
+    ps, cs = pc.states(h_layers), cc.states(h_layers if targets else ())
+    pk = ps.k_derotated()
+    ck = cs.k_derotated() if targets else None
     return PairCapture(  # fp16 halves capture memory (~115 KB per token); fits run in fp32
         ids=ids,
-        producer={s: slot_input(pc, s, pk).half() for s in slots},
-        consumer={s: slot_input(cc, s, ck).half() for s in slots} if fit else {},
+        producer={s: slot_input(ps, s, pk).half() for s in slots},
+        consumer={s: slot_input(cs, s, ck).half() for s in slots} if targets else {},
         positions=positions,
         oracle_logp=torch.log_softmax(cc.sel_logits, -1).half(),
         answer=oracle_answer(consumer, ids, cc, answer_tokens) if answer_tokens > 0 else {},
@@ -169,31 +182,36 @@ def _fit_pca_encoder(x: torch.Tensor, _y: torch.Tensor, budget_bits: int):
 
 def fit_codec(train: list[PairCapture], bits: dict, theta: float, ridge_lam: float,
               fit_encoder=_fit_pca_encoder, kinds: tuple[str, ...] = ("k", "v", "h"), metric=None,
+              fitted: ProducerEncoder | None = None,
               ) -> tuple[ProducerEncoder, dict[Slot, tuple[torch.Tensor, torch.Tensor]]]:
     """Encoders for every slot of the given kinds and closed-form decoders (W, b).
 
     bits: budget bits per token by slot kind, overridden for a slot by a Slot key. fit_encoder(x
     [N, d] producer, y [N, d'] consumer, budget bits) -> SlotEncoder; the default is the
     producer-only PCA basis (ablations pass other bases). metric(slot) -> [d, m] or None: fit that
-    slot's PCA in this metric (fit_slot_encoder) instead."""
-    slots = [s for s in sorted(train[0].producer) if s.kind in kinds]
+    slot's PCA in this metric (fit_slot_encoder) instead. fitted: a published encoder; only the
+    decoders of its slots are fitted."""
+    slots = list(fitted.slots) if fitted else [s for s in sorted(train[0].producer) if s.kind in kinds]
     encoders, affine = {}, {}
-    for s in tqdm(slots, desc="fit encoders + ridge decoders", file=sys.stderr):
+    for s in tqdm(slots, desc="fit ridge decoders" if fitted else "fit encoders + ridge decoders", file=sys.stderr):
         x = torch.cat([p.producer[s] for p in train]).float()  # [N, d]
         y = torch.cat([p.consumer[s] for p in train]).float()  # [N, d']
-        a, budget = metric(s) if metric else None, bits.get(s, bits[s.kind])
-        enc = fit_encoder(x, y, budget) if a is None else fit_slot_encoder(x, budget, a)
+        if fitted:
+            enc = fitted.slots[s]
+        else:
+            a, budget = metric(s) if metric else None, bits.get(s, bits[s.kind])
+            enc = fit_encoder(x, y, budget) if a is None else fit_slot_encoder(x, budget, a)
         encoders[s] = enc
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
     return ProducerEncoder(encoders, theta), affine
 
 
 def decoder_for(encoder_all: ProducerEncoder, affine, patch: list[int], hidden: dict[str, int],
-                consumer_ident: dict, context: str = "own", train: list[PairCapture] | None = None,
+                consumer_ident: mf.ModelIdentity, context: str = "own", train: list[PairCapture] | None = None,
                 ridge_lam: float = 1e-3) -> tuple[ProducerEncoder, torch.nn.Module]:
     """Encoder restricted to a patch plan, and its closed-form-initialized decoder. A context
     other than "own" refits the translators that read other slots' codes on train (context_affine)."""
-    slots = plan_slots(consumer_ident["num_layers"], patch)
+    slots = plan_slots(consumer_ident.num_layers, patch)
     enc = ProducerEncoder({s: encoder_all.slots[s] for s in slots}, encoder_all.theta)
     dec = mf.build_decoder(enc, hidden, consumer_ident, context)
     if context != "own":
@@ -251,14 +269,14 @@ def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], 
 
     base_kl = score([])
     gains = [(layer, base_kl - score([layer]))
-             for layer in tqdm(range(ident["num_layers"]), desc="rank patch layers", file=sys.stderr)]
+             for layer in tqdm(range(ident.num_layers), desc="rank patch layers", file=sys.stderr)]
     log(f"reuse-only closed-form dev KL {base_kl:.4f}; best single patches: "
         + ", ".join(f"L{l}:{g:+.4f}" for l, g in sorted(gains, key=lambda x: -x[1])[:8]))
     return sorted(gains, key=lambda x: -x[1])
 
 
 def heldout_quality(producer, consumer, adapter: mf.Adapter, items: list[data.QAItem]) -> dict:
-    from sgl_scd.codec.serve import scd_method
+    from sgl_scd.evaluation.methods import scd_method
 
     rows = evaluate.evaluate(producer, consumer, items, {"scd": scd_method(adapter)}, desc="held-out eval")
     return next(r for r in rows if r["method"] == "scd")
@@ -284,26 +302,34 @@ def builtin_long_prompts(tok, n_train: int, n_dev: int) -> tuple[list[data.QAIte
     return train, dev
 
 
-def calibrate(args) -> Path:
-    torch.manual_seed(args.seed)
-    t_start = time.time()
-    producer, consumer = models.load(args.producer), models.load(args.consumer)
-    evaluate.check_compatible(producer, consumer)
-    tok = consumer.tokenizer
+def calibration_rows(args, tok) -> tuple[list, list, list, str]:
+    """(train rows, dev rows, held-out QA items, source name); a row is (ids, QAItem | None)."""
     if args.prompts:
         rows = prompts_from_file(Path(args.prompts), tok)
         n_dev = max(8, len(rows) // 5)
         train_rows, dev_rows = rows[:-n_dev][: args.n_calib], rows[-n_dev:]
-        eval_items = [item for _, item in dev_rows if item is not None]
-        source = str(args.prompts)
-    else:  # built-in demo set: ToMi items the fine-tunes never trained on, plus long prompts
-        long_train, long_dev = builtin_long_prompts(tok, args.n_calib_long, args.n_dev_long)
-        train_items = data.load_tomi("train")[1000 : 1000 + args.n_calib] + long_train
-        dev_split = data.load_tomi("dev")
-        train_rows = [(data.prompt_ids(tok, it), it) for it in train_items]
-        dev_rows = [(data.prompt_ids(tok, it), it) for it in dev_split[: args.n_dev] + long_dev]
-        eval_items = dev_split[args.n_dev : args.n_dev + args.n_eval]
-        source = "builtin:tomi-train[1000:]+tomi-dev+hitom-calib"
+        return train_rows, dev_rows, [item for _, item in dev_rows if item is not None], str(args.prompts)
+    # built-in demo set: ToMi items the fine-tunes never trained on, plus long prompts
+    long_train, long_dev = builtin_long_prompts(tok, args.n_calib_long, args.n_dev_long)
+    train_items = data.load_tomi("train")[1000 : 1000 + args.n_calib] + long_train
+    dev_split = data.load_tomi("dev")
+    train_rows = [(data.prompt_ids(tok, it), it) for it in train_items]
+    dev_rows = [(data.prompt_ids(tok, it), it) for it in dev_split[: args.n_dev] + long_dev]
+    eval_items = dev_split[args.n_dev : args.n_dev + args.n_eval]
+    return train_rows, dev_rows, eval_items, "builtin:tomi-train[1000:]+tomi-dev+hitom-calib"
+
+
+def calibrate(args) -> Path:
+    """Run one calibration (see the module docstring); returns the directory written."""
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    producer, consumer = models.load(args.producer), models.load(args.consumer)
+    evaluate.check_compatible(producer, consumer)
+    published = mf.load_encoder(Path(args.encoder)) if args.encoder else None
+    if published is not None:
+        published.manifest.producer.check("producer", producer.identity())
+    tok = consumer.tokenizer
+    train_rows, dev_rows, eval_items, source = calibration_rows(args, tok)
     lengths = [len(ids) for ids, _ in train_rows]
     digest = hashlib.sha256(json.dumps([ids for ids, _ in train_rows + dev_rows]).encode()).hexdigest()
     log(f"{len(train_rows)} calibration ({min(lengths)}-{max(lengths)} tokens) + {len(dev_rows)} held-out "
@@ -312,33 +338,51 @@ def calibrate(args) -> Path:
     fit_idx = fit_subset(len(train_rows), args.n_fit)
     fit_set = set(fit_idx)
     rest_rows = [r for i, r in enumerate(train_rows) if i not in fit_set]
-    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng, answer_tokens=args.answer_tokens)
+    slots = list(published.codec.slots) if published else None
+    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng, slots, args.answer_tokens, True)
              for i in tqdm(fit_idx, desc="capture train", file=sys.stderr)]
-    dev = [capture_pair(producer, consumer, ids, 1, rng) for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
-    kv_dim = producer.config.num_key_value_heads * producer.config.head_dim
-    bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
-            "h": round(args.patch_bits_per_dim * producer.config.hidden_size)}
-    bits.update({Slot(layer, "h"): round(b * producer.config.hidden_size) for layer, b in args.layer_patch_bits.items()})
-    kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
-
-    def metric(s: Slot):  # h codes in the K/V metric of the producer's own projections (importance.py)
-        return importance.kv_metric(producer.model, s.layer) if s.kind == "h" and args.patch_metric == "kv" else None
-
-    enc_all, affine = fit_codec(train, bits, producer.model.config.rope_parameters["rope_theta"], args.ridge,
-                                kinds=kinds, metric=metric)  # reuse-only adapters need no h encoders
-    ident = mf.model_identity(consumer)
+    dev = [capture_pair(producer, consumer, ids, 1, rng, slots, targets=True)
+           for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
+    ident = consumer.identity()
     hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
-    if args.patch_layers is not None:
-        patch = args.patch_layers
-    elif args.patch_count > 0:
-        ranked = rank_patch_layers(enc_all, affine, consumer, ident, dev, hidden)
-        patch = sorted(layer for layer, gain in ranked[: args.patch_count] if gain > 0)
+    theta = producer.identity().rope_theta
+    if published:
+        _, affine = fit_codec(train, {}, theta, args.ridge, fitted=published.codec)
+        enc, patch = published.codec, published.codec.patch_layers
+        recipe = published.manifest.recipe
     else:
-        patch = []
-    log(f"patch layers: {patch}")
-    enc, dec = decoder_for(enc_all, affine, patch, hidden, ident, args.decoder_context, train, args.ridge)
+        kv_dim = ident.kv_heads * ident.head_dim
+        bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
+                "h": round(args.patch_bits_per_dim * ident.hidden_size)}
+        bits.update({Slot(layer, "h"): round(b * ident.hidden_size) for layer, b in args.layer_patch_bits.items()})
+        kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
+
+        def metric(s: Slot):  # h codes in the K/V metric of the producer's own projections (importance.py)
+            return importance.kv_metric(producer.model, s.layer) if s.kind == "h" and args.patch_metric == "kv" else None
+
+        enc_all, affine = fit_codec(train, bits, theta, args.ridge, kinds=kinds, metric=metric)
+        if args.patch_layers is not None:
+            patch, chosen_by = args.patch_layers, "given"
+        elif args.patch_count > 0:
+            ranked = rank_patch_layers(enc_all, affine, consumer, ident, dev, hidden)
+            patch, chosen_by = sorted(layer for layer, gain in ranked[: args.patch_count] if gain > 0), args.consumer
+        else:
+            patch, chosen_by = [], "none"
+        enc = ProducerEncoder({s: enc_all.slots[s] for s in plan_slots(ident.num_layers, patch)}, theta)
+        recipe = {"bits_per_dim": args.bits_per_dim, "patch_bits_per_dim": args.patch_bits_per_dim,
+                  "layer_patch_bits": {str(k): v for k, v in args.layer_patch_bits.items()},
+                  "patch_metric": args.patch_metric, "patch_layers_chosen_by": chosen_by,
+                  "basis": "producer-pca"}
+        enc_out = Path(args.out or ADAPTERS_DIR / args.name) if args.encoder_only else encoder_dir_for(args)
+        published = write_encoder(enc_out, enc, producer, args.page_size, recipe,
+                                  {"source": source, "data_digest": digest, "n_fit": len(fit_idx),
+                                   "wall_s": round(time.time() - t_start, 1)})
+        log(f"patch layers: {patch}; wrote encoder {enc_out} (revision {published.revision[:12]})")
+        if args.encoder_only:
+            return enc_out
+    _, dec = decoder_for(enc, affine, patch, hidden, ident, args.decoder_context, train, args.ridge)
     del train_rows
-    for c in train + dev:  # free what the chosen plan does not use
+    for c in train + dev:  # free what the plan does not use
         for s in list(c.producer):
             if s not in enc.slots:
                 del c.producer[s], c.consumer[s]
@@ -354,53 +398,58 @@ def calibrate(args) -> Path:
                              last_share=args.last_share, answer_share=args.answer_share,
                              lr_scale=lr_scale, log=log)
     dec.eval().requires_grad_(False)
-    revision = mf.encoder_revision(enc)
-    raw = 2 * ident["num_layers"] * ident["kv_heads"] * ident["head_dim"] * 2  # bf16 K+V per token
-    payload = wire.payload_bytes_per_token(enc, args.page_size)
-    man = {
-        "format": mf.FORMAT,
-        "name": args.name,
-        "producer": mf.model_identity(producer),
-        "consumer": ident,
-        "tokenizer": {"digest": mf.tokenizer_digest(tok), "vocab_size": len(tok)},
-        "codec": {"version": mf.CODEC_VERSION, "revision": revision, "patch_layers": patch,
-                  "bits_per_dim": args.bits_per_dim, "patch_bits_per_dim": args.patch_bits_per_dim,
-                  "layer_patch_bits": {str(k): v for k, v in args.layer_patch_bits.items()},
-                  "slots": mf.slot_summary(enc),
-                  "bits_per_token": enc.bits_per_token(), "page_size": args.page_size,
-                  "payload_bytes_per_token": payload, "raw_kv_bytes_per_token": raw,
-                  "payload_ratio": payload / raw, "decoder_hidden": hidden,
-                  "decoder_context": args.decoder_context, "basis": "producer-pca",
-                  "patch_metric": args.patch_metric},
-        "dtypes": {"codes": "uint1-8 packed (static gaussian steps)", "weights": "float32",
-                   "kv": str(consumer.model.dtype).replace("torch.", "")},
-        "calibration": {"source": source, "data_digest": digest, "n_calib": len(train_s),
-                        "n_fit": len(fit_idx),
-                        "n_dev": len(dev_s), "min_tokens": min(lengths), "max_tokens": max(lengths),
-                        "positions": args.positions, "epochs": args.epochs, "lr": args.lr,
-                        "wide_lr_scale": args.wide_lr_scale, "delta_rank": args.delta_rank,
-                        "long_share": args.long_share,
-                        "last_share": args.last_share, "answer_tokens": args.answer_tokens,
-                        "answer_share": args.answer_share,
-                        "seed": args.seed, "budget_kl": args.budget_kl, "distill": result},
-    }
     out = Path(args.out or ADAPTERS_DIR / args.name)
-    mf.save_adapter(out, man, enc, dec)
-    adapter = mf.load_adapter(out, producer, consumer)
+    man = mf.AdapterManifest(
+        name=args.name, consumer=ident,
+        encoder=published.path.name if published.path.parent.resolve() == out.parent.resolve()
+        else str(published.path.resolve()),
+        encoder_revision=published.revision, decoder_context=args.decoder_context, decoder_hidden=hidden,
+        max_tokens=max(lengths),
+        calibration={"source": source, "data_digest": digest, "n_calib": len(train_s), "n_fit": len(fit_idx),
+                     "n_dev": len(dev_s), "min_tokens": min(lengths), "positions": args.positions,
+                     "epochs": args.epochs, "lr": args.lr, "wide_lr_scale": args.wide_lr_scale,
+                     "delta_rank": args.delta_rank, "long_share": args.long_share, "last_share": args.last_share,
+                     "answer_tokens": args.answer_tokens, "answer_share": args.answer_share, "seed": args.seed,
+                     "budget_kl": args.budget_kl, "distill": result})
+    mf.save_adapter(out, man, dec)
+    adapter = check_models(mf.load_adapter(out), producer, consumer)
     if eval_items:
         q = heldout_quality(producer, consumer, adapter, eval_items)
-        man["heldout"] = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer", "kl_answer", "n_answer")}
+        heldout = {k: q[k] for k in ("n", "f1", "em", "kl", "top1", "same_answer", "kl_answer", "n_answer")}
     else:
         # the budget is an expectation over prompts: the pooled mean, not the per-group selection score
-        man["heldout"] = {"kl": distill.last_token_kl(consumer.model, dec, dev_s), "n": len(dev_s)}
-    man["heldout"]["meets_budget"] = man["heldout"]["kl"] <= args.budget_kl
-    man["calibration"]["wall_s"] = round(time.time() - t_start, 1)
-    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
-    log(f"wrote {out}: payload {payload:.0f} B/token ({payload / raw:.3f}x raw bf16 KV), "
-        f"held-out {json.dumps(man['heldout'])}")
-    if not man["heldout"]["meets_budget"]:
-        log(f"WARNING: held-out KL {man['heldout']['kl']:.4f} exceeds the budget {args.budget_kl}")
+        heldout = {"kl": distill.last_token_kl(consumer.model, dec, dev_s), "n": len(dev_s)}
+    heldout["meets_budget"] = heldout["kl"] <= args.budget_kl
+    man.calibration["wall_s"] = round(time.time() - t_start, 1)
+    man = mf.AdapterManifest(**{**mf.as_dict(man), "consumer": ident, "heldout": heldout})
+    mf.save_adapter(out, man, dec)
+    em = published.manifest
+    log(f"wrote {out}: payload {em.payload_bytes_per_token:.0f} B/token ({em.payload_ratio:.3f}x raw bf16 KV), "
+        f"held-out {json.dumps(heldout)}")
+    if not heldout["meets_budget"]:
+        log(f"WARNING: held-out KL {heldout['kl']:.4f} exceeds the budget {args.budget_kl}")
     return out
+
+
+def encoder_dir_for(args) -> Path:
+    """Where a calibration that fits its own encoder writes it: beside the adapter, <name>-encoder."""
+    out = Path(args.out or ADAPTERS_DIR / args.name)
+    return out.parent / f"{out.name}-encoder"
+
+
+def write_encoder(out: Path, enc: ProducerEncoder, producer, page_size: int, recipe: dict,
+                  calibration: dict) -> mf.Encoder:
+    """Save an encoder artifact and load it back (its revision checked)."""
+    ident = producer.identity()
+    raw = mf.raw_kv_bytes_per_token(ident)
+    payload = wire.payload_bytes_per_token(enc, page_size)
+    man = mf.EncoderManifest(
+        name=out.name, producer=ident, tokenizer_digest=producer.tokenizer_digest(),
+        revision=mf.encoder_revision(enc), page_size=page_size, h_layers=enc.patch_layers,
+        bits_per_token=enc.bits_per_token(), payload_bytes_per_token=payload, raw_kv_bytes_per_token=raw,
+        payload_ratio=payload / raw, recipe=recipe, slots=mf.slot_summary(enc), calibration=calibration)
+    mf.save_encoder(out, man, enc)
+    return mf.load_encoder(out)
 
 
 def main(argv=None) -> None:
@@ -410,6 +459,11 @@ def main(argv=None) -> None:
     p.add_argument("--consumer", required=True, help="consumer spec: base | demo-ft | demo-lora | DIR")
     p.add_argument("--name", help="adapter name (default: the consumer spec's last path part)")
     p.add_argument("--out", help="output directory (default adapters/<name>)")
+    p.add_argument("--encoder", metavar="DIR",
+                   help="calibrate decoders only, against this published encoder (its patch layers, bits and page "
+                        "size; nothing is republished)")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="fit and write an encoder only (patch layers ranked for --consumer, or --patch-layers)")
     p.add_argument("--prompts", help="JSONL calibration prompts (default: the built-in ToMi demo set)")
     p.add_argument("--n-calib", type=int, default=192, help="calibration prompts (default 192)")
     p.add_argument("--n-fit", type=int, default=544,
@@ -475,6 +529,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.encoder and args.encoder_only:
+        p.error("--encoder (fit decoders against a published encoder) and --encoder-only exclude each other")
+    if args.encoder and not (Path(args.encoder) / mf.ENCODER_FILE).exists():
+        p.error(f"--encoder {args.encoder}: no {mf.ENCODER_FILE} there")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.name = args.name or Path(args.consumer).name

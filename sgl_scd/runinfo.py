@@ -11,7 +11,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from sgl_scd.paths import REPO_ROOT
+from sgl_scd.settings import REPO_ROOT
 
 
 @lru_cache(maxsize=1)

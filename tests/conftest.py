@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sgl_scd import models
+from sgl_scd.hf import models
 
 torch.set_num_threads(2)
 

@@ -7,8 +7,8 @@ import argparse
 import pytest
 from script_loader import load_script
 
-from sgl_scd import data
 from sgl_scd.codec import wire
+from sgl_scd.demo import data
 
 
 def test_token_counts_refuses_bad_lengths():

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from sgl_scd import data, evaluate, rope, runtime
-from sgl_scd.codec import baselines, wire
 from sgl_scd.codec import manifest as mf
+from sgl_scd.codec import rope, wire
 from sgl_scd.codec.codec import (
     CONTEXTS,
     ConsumerDecoder,
@@ -17,7 +16,10 @@ from sgl_scd.codec.codec import (
     plan_slots,
 )
 from sgl_scd.codec.fold import FoldedDecoder
-from sgl_scd.codec.serve import encode_prompt, rebuild_kv, scd_method
+from sgl_scd.demo import data
+from sgl_scd.evaluation import baselines, evaluate
+from sgl_scd.evaluation.methods import encode_prompt, rebuild_kv, scd_method
+from sgl_scd.hf import runtime
 
 pytestmark = pytest.mark.model
 
@@ -140,7 +142,7 @@ def test_answer_supervision_matches_the_oracle_with_its_own_kv(demo_ft):
     Tolerance 1e-2 nats: the log-probs are stored in fp16; a wrong position or K/V offset gives
     KL of order 1."""
     from sgl_scd.calibrate import oracle_answer
-    from sgl_scd.codec.distill import kl_rows
+    from sgl_scd.calibration.distill import kl_rows
 
     ids = data.prompt_ids(demo_ft.tokenizer, data.load_tomi("test")[3])
     n = len(ids)
@@ -165,7 +167,7 @@ def test_distill_trains_all_but_frozen_translators(base, demo_ft, small_adapter)
     import random
 
     from sgl_scd.calibrate import capture_pair, distill_samples
-    from sgl_scd.codec import distill
+    from sgl_scd.calibration import distill
 
     enc = small_adapter.encoder
     dec = copy.deepcopy(small_adapter.decoder).requires_grad_(True)

@@ -204,7 +204,7 @@ def test_unpack_matches_the_layout_for_every_width(num_tokens):
 
 
 def test_position_weights_keep_the_last_share():
-    from sgl_scd.codec.distill import position_weights
+    from sgl_scd.calibration.distill import position_weights
 
     for p in (2, 24, 48):
         w = position_weights(p)
@@ -214,7 +214,7 @@ def test_position_weights_keep_the_last_share():
 
 
 def test_position_weights_give_answer_tokens_their_share():
-    from sgl_scd.codec.distill import position_weights
+    from sgl_scd.calibration.distill import position_weights
 
     w = position_weights(24, 0.15, n_answer=3, answer_share=0.2)
     assert w.shape == (27,) and abs(float(w.sum()) - 1) < 1e-6
@@ -224,7 +224,7 @@ def test_position_weights_give_answer_tokens_their_share():
 
 
 def test_length_groups_split_short_and_long_prompts():
-    from sgl_scd.codec.distill import LONG_PROMPT_TOKENS, DistillSample, length_groups
+    from sgl_scd.calibration.distill import LONG_PROMPT_TOKENS, DistillSample, length_groups
 
     def sample(n):
         return DistillSample(list(range(n)), {}, [n - 1], torch.zeros(1, 4))
@@ -236,7 +236,7 @@ def test_length_groups_split_short_and_long_prompts():
 
 
 def test_group_weights_give_the_long_group_its_share():
-    from sgl_scd.codec.distill import DistillSample, group_weights
+    from sgl_scd.calibration.distill import DistillSample, group_weights
 
     samples = [DistillSample(list(range(n)), {}, [n - 1], torch.zeros(1, 4)) for n in [90] * 18 + [700, 1100]]
     w = group_weights(samples, 0.25)
@@ -249,7 +249,7 @@ def test_group_weights_give_the_long_group_its_share():
 
 
 def test_micro_batches_pack_within_the_token_budget():
-    from sgl_scd.codec.distill import micro_batches
+    from sgl_scd.calibration.distill import micro_batches
 
     lengths = [90, 1100, 120, 80, 700, 100, 95, 130]
     mbs = micro_batches(lengths, 1024)

@@ -1,4 +1,4 @@
-from sgl_scd import data
+from sgl_scd.demo import data
 
 
 def test_splits_are_disjoint_by_story_and_deterministic():

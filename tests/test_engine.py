@@ -3,8 +3,9 @@ falls back to prefill with identical output to the oracle."""
 
 import pytest
 
-from sgl_scd import data, runtime
-from sgl_scd.engine import ReuseEngine, store_identity
+from sgl_scd.demo import data
+from sgl_scd.hf import runtime
+from sgl_scd.serving.engine import ReuseEngine, store_identity
 from sgl_scd.store import open_store
 
 pytestmark = pytest.mark.model
@@ -48,7 +49,7 @@ def test_partial_hit_rebuilds_shared_pages_and_prefills_the_rest(engine, base, d
 def test_corrupt_codes_are_a_counted_miss_and_output_equals_oracle(engine, base, demo_ft):
     ids = _ids(base, 2)
     cap = runtime.capture_prefill(base.model, ids)
-    from sgl_scd.codec.serve import encode_prompt
+    from sgl_scd.evaluation.methods import encode_prompt
 
     blobs = encode_prompt(engine.adapter, cap, engine.page_size, full_pages_only=True)
     tampered = [b[:60] + bytes([b[60] ^ 0xFF]) + b[61:] for b in blobs]  # wire CRC now fails

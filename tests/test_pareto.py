@@ -85,7 +85,7 @@ def test_write_jsonl_stamps_every_row_with_the_runs_provenance(tmp_path):
 
 def test_adapter_dir_defaults_to_where_calibrate_writes(tmp_path):
     from sgl_scd.codec.manifest import adapter_dir
-    from sgl_scd.paths import ADAPTERS_DIR
+    from sgl_scd.settings import ADAPTERS_DIR
 
     assert adapter_dir("demo-ft") == ADAPTERS_DIR / "demo-ft"
     assert adapter_dir("/models/my-lora") == ADAPTERS_DIR / "my-lora"  # a PEFT directory's name

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from sgl_scd.quality import (
+from sgl_scd.evaluation.quality import (
     MethodScore,
     answer_kl,
     exact_match,

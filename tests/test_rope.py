@@ -1,7 +1,7 @@
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sgl_scd import rope
+from sgl_scd.codec import rope
 
 
 def test_derotate_inverts_rotate_exactly():

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from sgl_scd import data, quality, runtime
+from sgl_scd.demo import data
+from sgl_scd.evaluation import quality
+from sgl_scd.hf import runtime
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import urllib.request
 
 import pytest
 
-from sgl_scd import data
-from sgl_scd.engine import ReuseEngine, store_identity
-from sgl_scd.server import make_server
+from sgl_scd.demo import data
+from sgl_scd.serving.engine import ReuseEngine, store_identity
+from sgl_scd.serving.server import make_server
 from sgl_scd.store import open_store
 
 pytestmark = pytest.mark.model

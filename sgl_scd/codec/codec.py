@@ -12,7 +12,7 @@ the metric of the producer's K/V projections (importance.py, calibrate --patch-m
 
 Decoder (per consumer): z -> x_hat [T, d] by a Translator (affine map + optional residual MLP),
 then keys are re-rotated with the consumer's RoPE base; h slots go through the consumer's own
-k_proj / v_proj (LoRA deltas merged, biases included) and RoPE. A reuse translator may read
+k_proj / v_proj (given as tensors, states.ConsumerProjections: LoRA deltas, biases) and RoPE. A reuse translator may read
 other slots' codes of the same token too (context_inputs: its layer's K and V, the nearest
 patch layer's h): they are on the wire anyway, so context costs rebuild compute, not bytes.
 """
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sgl_scd import rope, runtime
-from sgl_scd.codec import quant
+from sgl_scd.codec import quant, rope
+from sgl_scd.codec.states import ConsumerProjections, ProducerStates
 
 KINDS = ("k", "v", "h")
 
@@ -61,16 +61,17 @@ def plan_slots(num_layers: int, patch_layers) -> list[Slot]:
     return slots
 
 
-def slot_input(cap: runtime.PrefillCapture, slot: Slot, k_derot: torch.Tensor | None = None) -> torch.Tensor:
-    """The [T, d] observation a slot encodes from a producer capture."""
+def slot_input(states: ProducerStates, slot: Slot, k_derot: torch.Tensor | None = None) -> torch.Tensor:
+    """The [T, d] observation a slot encodes from a producer's states."""
     if slot.kind == "k":
-        k = cap.k_derotated() if k_derot is None else k_derot
+        k = states.k_derotated() if k_derot is None else k_derot
         return k[slot.layer].reshape(k.shape[1], -1)  # [T, H*D]
     if slot.kind == "v":
-        return cap.v[slot.layer].reshape(cap.v.shape[1], -1)
-    if cap.h_in is None:
-        raise ValueError(f"slot {slot.name} needs the producer's normalized inputs (capture with hidden=True)")
-    return cap.h_in[slot.layer]
+        return states.v[slot.layer].reshape(states.v.shape[1], -1)
+    if slot.layer not in states.h:
+        raise ValueError(f"slot {slot.name} needs the producer's normalized input of layer {slot.layer} "
+                         f"(states carry layers {sorted(states.h)})")
+    return states.h[slot.layer]
 
 
 @dataclass
@@ -121,10 +122,12 @@ class ProducerEncoder:
     def bits_per_token(self) -> int:
         return sum(e.bits_per_token for e in self.slots.values())
 
-    def encode(self, cap: runtime.PrefillCapture) -> dict[Slot, torch.Tensor]:
-        """Codes {slot: uint8 [T, r]} for every token of the capture."""
-        k_derot = cap.k_derotated()
-        return {s: e.encode(slot_input(cap, s, k_derot)) for s, e in self.slots.items()}
+    def encode(self, states: ProducerStates) -> dict[Slot, torch.Tensor]:
+        """Codes {slot: uint8 [T, r]} for every token of the states (CPU)."""
+        if states.theta != self.theta:
+            raise ValueError(f"states were rotated with RoPE base {states.theta}, the encoder expects {self.theta}")
+        k_derot = states.k_derotated()
+        return {s: e.encode(slot_input(states, s, k_derot).cpu()) for s, e in self.slots.items()}
 
     def dequantize(self, codes: dict[Slot, torch.Tensor]) -> dict[Slot, torch.Tensor]:
         """Whitened codes {slot: [T, r]}; one vectorized op when every slot is present."""
@@ -277,11 +280,13 @@ class ConsumerDecoder(nn.Module):
     def num_layers(self) -> int:
         return max(s.layer for s in self.slots) + 1
 
-    def rebuild(self, consumer_model, z: dict[Slot, torch.Tensor], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consumer K (after its RoPE) and V, [L, T, H_kv, D], from whitened codes {slot: [T, r]}.
+    def rebuild(self, proj: ConsumerProjections, z: dict[Slot, torch.Tensor], start: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consumer K (after its RoPE) and V, [L, T, H_kv, D], from whitened codes {slot: [T, r]}
+        of tokens at positions start..; proj: the consumer's projections at the patch layers.
 
-        Differentiable in the translators' parameters (used by distillation); wrap in
-        torch.inference_mode() when serving.
+        Differentiable in the translators' parameters (used by distillation); serving uses the
+        folded form (fold.FoldedDecoder).
         """
         t = next(iter(z.values())).shape[0]
         shape = (t, self.kv_heads, self.head_dim)
@@ -290,7 +295,7 @@ class ConsumerDecoder(nn.Module):
             h = Slot(layer, "h")
             if h in z:
                 h_in = self.translator(h)(self.translator_input(h, z))
-                k, v = runtime.project_kv(consumer_model, layer, h_in, start, grad=True)
+                k, v = proj.project(layer, h_in, start)
             else:
                 ks_, vs_ = Slot(layer, "k"), Slot(layer, "v")
                 k_nope = self.translator(ks_)(self.translator_input(ks_, z)).view(shape)

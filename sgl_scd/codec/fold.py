@@ -13,6 +13,10 @@ distinct decoder input (q: the concatenated integer codes a translator reads, Co
 so a patch layer costs r x 2*kv_dim + the MLP instead of r x hidden + hidden x 2*kv_dim, and
 the codes are used as the integers the wire carries. Exact up to float rounding (composed in
 float64); tests compare it with ConsumerDecoder.rebuild.
+
+rebuild_layer() rebuilds one layer for any run of tokens at their absolute positions (the pages
+after a prefix an engine already holds), optionally into caller-provided buffers; rebuild() is
+the whole prompt, every layer. to(device, dtype) moves the folded maps (fp32 on CPU, bf16 on GPU).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sgl_scd import rope
+from sgl_scd.codec import rope
 from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot, Translator
+from sgl_scd.codec.states import ConsumerProjections
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +78,14 @@ def _fold(tr: Translator, level, post_w=None, post_b=None) -> tuple[torch.Tensor
 
 
 class FoldedDecoder:
-    """Rebuilds one consumer's K/V [L, T, H_kv, D] from integer slot codes (inference only)."""
+    """Rebuilds one consumer's K/V from integer slot codes (inference only)."""
 
-    def __init__(self, decoder: ConsumerDecoder, encoder: ProducerEncoder, consumer_model: nn.Module):
+    def __init__(self, decoder: ConsumerDecoder, encoder: ProducerEncoder, proj: ConsumerProjections):
+        if (proj.theta, proj.kv_heads, proj.head_dim) != (decoder.theta, decoder.kv_heads, decoder.head_dim):
+            raise ValueError(f"consumer projections (theta {proj.theta}, {proj.kv_heads} x {proj.head_dim}) do not "
+                             f"match the decoder's (theta {decoder.theta}, {decoder.kv_heads} x {decoder.head_dim})")
         self.theta, self.kv_heads, self.head_dim = decoder.theta, decoder.kv_heads, decoder.head_dim
+        self.device, self.dtype = torch.device("cpu"), torch.float32
         kv_dim = self.kv_heads * self.head_dim
         own = encoder.levels()
         levels = {s: tuple(torch.cat([own[i][j] for i in ins]) for j in (0, 1)) for s, ins in decoder.inputs.items()}
@@ -84,16 +93,34 @@ class FoldedDecoder:
         for layer in range(decoder.num_layers):
             h = Slot(layer, "h")
             if h in levels:
-                attn = consumer_model.model.layers[layer].self_attn
-                pw_k, pb_k = _linear(attn.k_proj.weight, attn.k_proj.bias, kv_dim)
-                pw_v, pb_v = _linear(attn.v_proj.weight, attn.v_proj.bias, kv_dim)
-                parts = [(h, slice(0, 2 * kv_dim),
-                          _fold(decoder.translator(h), levels[h], torch.cat([pw_k, pw_v]), torch.cat([pb_k, pb_v])))]
+                if layer not in proj.layers:
+                    raise ValueError(f"patch layer {layer} needs the consumer's k/v projections")
+                pw, pb = proj.layers[layer].merged()
+                parts = [(h, slice(0, 2 * kv_dim), _fold(decoder.translator(h), levels[h], pw, pb))]
             else:
                 k, v = Slot(layer, "k"), Slot(layer, "v")
                 parts = [(k, slice(0, kv_dim), _fold(decoder.translator(k), levels[k])),
                          (v, slice(kv_dim, 2 * kv_dim), _fold(decoder.translator(v), levels[v]))]
             self.plan.append(self._merge(decoder.inputs, parts))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.plan)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> FoldedDecoder:
+        """Move every folded map (in place; returns self)."""
+        self.device, self.dtype = torch.device(device), dtype or self.dtype
+        mv = lambda t: t.to(self.device, self.dtype)
+        for steps in self.plan:
+            for st in steps:
+                st.a, st.c = mv(st.a), mv(st.c)
+                for m in st.mlps:
+                    m.up, m.u, m.down = mv(m.up), mv(m.u), mv(m.down)
+        return self
+
+    def layer_inputs(self, layer: int) -> set[Slot]:
+        """The slots whose codes rebuilding this layer reads."""
+        return {i for st in self.plan[layer] for i in st.inputs}
 
     @staticmethod
     def _merge(inputs: dict[Slot, tuple[Slot, ...]], parts) -> list[_Step]:
@@ -113,24 +140,51 @@ class FoldedDecoder:
                 prev.mlps.append(_Mlp(*mlp, slice(at, at + a.shape[1])))
         return steps
 
-    @staticmethod
-    def _codes(inputs: tuple[Slot, ...], codes: dict[Slot, torch.Tensor]) -> torch.Tensor:
-        return codes[inputs[0]].float() if len(inputs) == 1 else torch.cat([codes[i] for i in inputs], 1).float()
+    def _codes(self, inputs: tuple[Slot, ...], codes: dict[Slot, torch.Tensor]) -> torch.Tensor:
+        q = codes[inputs[0]] if len(inputs) == 1 else torch.cat([codes[i] for i in inputs], 1)
+        return q.to(self.device, self.dtype)  # integer codes < 256: exact in bf16 too
+
+    def _layer_into(self, layer: int, codes: dict[Slot, torch.Tensor], kv: torch.Tensor) -> None:
+        """[k_nope | v] [T, 2 * kv_dim] of one layer into kv."""
+        for st in self.plan[layer]:
+            q = self._codes(st.inputs, codes)
+            whole = st.a.shape[1] == kv.shape[1]
+            y = torch.addmm(st.c, q, st.a, out=kv) if whole else torch.addmm(st.c, q, st.a)
+            for m in st.mlps:
+                y[:, m.cols].addmm_(nn.functional.gelu(torch.addmm(m.u, q, m.up)), m.down)
+            if not whole:
+                kv[:, st.cols] = y
+
+    @torch.inference_mode()
+    def rebuild_layer(self, layer: int, codes: dict[Slot, torch.Tensor], start: int = 0,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (after the consumer's RoPE) and V [T, H_kv, D] of one layer for T tokens at absolute
+        positions start..start+T-1, from their integer codes {slot: [T, r]} (slots beyond
+        layer_inputs(layer) are ignored). out: (k, v) buffers of that shape to write into (any
+        dtype; an engine's KV pool slices)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        t = next(iter(codes.values())).shape[0]
+        kv_dim = self.kv_heads * self.head_dim
+        kv = torch.empty(t, 2 * kv_dim, device=self.device, dtype=self.dtype)
+        self._layer_into(layer, codes, kv)
+        shape = (t, self.kv_heads, self.head_dim)
+        k = rope.rotate(kv[:, :kv_dim].view(shape), self.theta, start)
+        v = kv[:, kv_dim:].view(shape)
+        if out is None:
+            return k, v
+        out[0].copy_(k)
+        out[1].copy_(v)
+        return out
 
     @torch.inference_mode()
     def rebuild(self, codes: dict[Slot, torch.Tensor], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consumer K (after its RoPE) and V, [L, T, H_kv, D], from integer codes {slot: [T, r]}."""
+        """Consumer K (after its RoPE) and V, [L, T, H_kv, D], of every layer from integer codes
+        {slot: [T, r]} of tokens at positions start.. (rebuild_layer over all layers, written in place)."""
         t = next(iter(codes.values())).shape[0]
         kv_dim = self.kv_heads * self.head_dim
-        kv = torch.empty(len(self.plan), t, 2 * kv_dim)  # [k_nope | v] per layer
-        for layer, steps in enumerate(self.plan):
-            for st in steps:
-                q = self._codes(st.inputs, codes)
-                whole = st.a.shape[1] == 2 * kv_dim
-                y = torch.addmm(st.c, q, st.a, out=kv[layer]) if whole else torch.addmm(st.c, q, st.a)
-                for m in st.mlps:
-                    y[:, m.cols].addmm_(nn.functional.gelu(torch.addmm(m.u, q, m.up)), m.down)
-                if not whole:
-                    kv[layer, :, st.cols] = y
-        shape = (len(self.plan), t, self.kv_heads, self.head_dim)
+        kv = torch.empty(self.num_layers, t, 2 * kv_dim, device=self.device, dtype=self.dtype)
+        for layer in range(self.num_layers):
+            self._layer_into(layer, codes, kv[layer])
+        shape = (self.num_layers, t, self.kv_heads, self.head_dim)
         return rope.rotate(kv[..., :kv_dim].view(shape), self.theta, start), kv[..., kv_dim:].view(shape)

@@ -1,33 +1,95 @@
-"""The per-adapter artifact: adapters/<name>/{manifest.json, encoder.safetensors, decoder.safetensors}.
+"""The two calibrated artifacts, typed and validated where they are read.
 
-The manifest identifies the producer, the consumer, the tokenizer, the codec (version, revision
-digest of the encoder, ranks, bits, patch layers), dtypes, the calibration data digest and the
-held-out quality measured at calibration. Loading an adapter against models that do not match
-it raises ManifestMismatch naming the field and both values.
+  encoder dir   encoder.json + encoder.safetensors: the producer side of one published code set
+                (per-slot PCA bases and bit plans: K/V at reuse layers, h at the encoder's patch
+                layers). Its revision (a digest of every tensor) keys the store and is written
+                into every page; it depends on the producer only.
+  adapter dir   manifest.json + decoder.safetensors: one consumer's decoders, calibrated against
+                one encoder revision (named in the manifest; another encoder is refused).
+
+Adding a consumer to a published code set is one calibration against the encoder dir; nothing
+is republished. Identities of the models are checked by the caller (check_models) from plain
+ModelIdentity values, so this module knows no model library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from sgl_scd import models, rope
-from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, Slot, context_inputs
+from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, context_inputs, parse_context
 from sgl_scd.codec.fold import FoldedDecoder
-from sgl_scd.models import LoadedModel
-from sgl_scd.paths import ADAPTERS_DIR
+from sgl_scd.codec.states import ConsumerProjections
 
-CODEC_VERSION = 1
-FORMAT = "sgl_scd.adapter/1"
+CODEC_VERSION = 2
+ENCODER_FORMAT = "sgl_scd.encoder/1"
+ADAPTER_FORMAT = "sgl_scd.adapter/2"
+ENCODER_FILE, ADAPTER_FILE = "encoder.json", "manifest.json"
 
 
 class ManifestMismatch(ValueError):
-    """The adapter was calibrated for different models, tokenizer or codec version."""
+    """An artifact used with models, tokenizer or an encoder it was not calibrated for."""
+
+
+class ManifestError(ValueError):
+    """A manifest file that is malformed (a missing, unknown or ill-typed field)."""
+
+
+def _from_dict(cls, d: dict, where: str):
+    """cls(**d) with every field checked: unknown or missing keys and wrong basic types are refused."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ManifestError(f"{where}: unknown fields {unknown}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ManifestError(f"{where}: missing field {name!r}")
+            continue
+        value, kind = d[name], f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "ModelIdentity":
+            value = _from_dict(ModelIdentity, value, f"{where}.{name}")
+        elif kind in ("int", "str") and not isinstance(value, int if kind == "int" else str):
+            raise ManifestError(f"{where}.{name}: expected {kind}, got {value!r}")
+        elif kind == "float" and not isinstance(value, (int, float)):
+            raise ManifestError(f"{where}.{name}: expected a number, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; build it with `python -m sgl_scd.calibrate`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    spec: str
+    revision: str  # sha256 of the weights that define the model
+    rope_theta: float
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    def check(self, role: str, actual: ModelIdentity) -> None:
+        """ManifestMismatch naming the first field where the model differs from the calibrated one."""
+        for key in ("revision", "rope_theta", "num_layers", "kv_heads", "head_dim", "hidden_size"):
+            want, got = getattr(self, key), getattr(actual, key)
+            if want != got:
+                raise ManifestMismatch(f"calibrated {role}.{key} is {want!r} but the model has {got!r}")
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -35,16 +97,60 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def model_identity(m: LoadedModel) -> dict:
-    c = m.config
-    return {"spec": m.spec, "revision": m.revision, "rope_theta": rope.rope_theta(c),
-            "num_layers": c.num_hidden_layers, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-            "hidden_size": c.hidden_size}
+@dataclass(frozen=True)
+class EncoderManifest:
+    name: str
+    producer: ModelIdentity
+    tokenizer_digest: str
+    revision: str  # encoder_revision(): keys the store, 16 bytes of it head every wire page
+    page_size: int
+    h_layers: list  # patch layers: h codes instead of K/V codes
+    bits_per_token: int
+    payload_bytes_per_token: float
+    raw_kv_bytes_per_token: int
+    payload_ratio: float
+    recipe: dict = field(default_factory=dict)  # bits per dim, metric, how the h layers were chosen
+    slots: dict = field(default_factory=dict)  # {slot name: {rank, bits}}
+    calibration: dict = field(default_factory=dict)  # data digest, sizes, wall time
+    format: str = ENCODER_FORMAT
+    codec_version: int = CODEC_VERSION
+
+    def __post_init__(self):
+        if self.format != ENCODER_FORMAT or self.codec_version != CODEC_VERSION:
+            raise ManifestMismatch(f"encoder format {self.format} v{self.codec_version}; this build reads "
+                                   f"{ENCODER_FORMAT} v{CODEC_VERSION}")
+        if self.page_size <= 0:
+            raise ManifestError(f"encoder page_size must be > 0, got {self.page_size}")
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    name: str
+    consumer: ModelIdentity
+    encoder: str  # the encoder's directory name (beside this adapter's)
+    encoder_revision: str
+    decoder_context: str
+    decoder_hidden: dict  # residual MLP width by slot kind
+    max_tokens: int  # the longest calibration prompt: positions beyond it are not trusted
+    min_margin: float = 0.0  # the serving gate's default threshold (0: off)
+    calibration: dict = field(default_factory=dict)
+    heldout: dict = field(default_factory=dict)
+    format: str = ADAPTER_FORMAT
+
+    def __post_init__(self):
+        if self.format != ADAPTER_FORMAT:
+            raise ManifestMismatch(f"adapter format {self.format}; this build reads {ADAPTER_FORMAT}")
+        parse_context(self.decoder_context)
+        if self.max_tokens <= 0:
+            raise ManifestError(f"adapter max_tokens must be > 0, got {self.max_tokens}")
+        if not 0.0 <= self.min_margin <= 1.0:
+            raise ManifestError(f"adapter min_margin is a probability gap in [0, 1], got {self.min_margin}")
 
 
 def encoder_revision(encoder: ProducerEncoder) -> str:
     """Digest of everything the producer side uses: the codec revision that keys the store."""
     h = hashlib.sha256(f"scd-codec-v{CODEC_VERSION}".encode())
+    h.update(repr(float(encoder.theta)).encode())
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.contiguous().numpy().tobytes())
@@ -52,91 +158,129 @@ def encoder_revision(encoder: ProducerEncoder) -> str:
 
 
 @dataclass
-class Adapter:
-    """A loaded SCD adapter: the producer encoder, this consumer's decoder and the manifest."""
+class Encoder:
+    """A loaded encoder artifact: what a producer publishes with, and what every decoder reads."""
 
-    name: str
-    manifest: dict
-    encoder: ProducerEncoder
-    decoder: ConsumerDecoder
-
-    _folded: tuple | None = field(default=None, repr=False)  # (consumer model, FoldedDecoder)
+    path: Path
+    manifest: EncoderManifest
+    codec: ProducerEncoder
 
     @property
-    def codec_digest(self) -> bytes:
-        return bytes.fromhex(self.manifest["codec"]["revision"])[:16]
+    def revision(self) -> str:
+        return self.manifest.revision
 
-    def rebuild(self, consumer_model, codes: dict[Slot, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Serving path: the consumer's K/V [L, T, H, D] from integer codes, through the decoder
-        folded with this consumer's projections (built once per consumer model)."""
-        if self._folded is None or self._folded[0] is not consumer_model:
-            self._folded = (consumer_model, FoldedDecoder(self.decoder, self.encoder, consumer_model))
-        return self._folded[1].rebuild(codes)
+    @property
+    def digest(self) -> bytes:
+        """The 16 bytes of the revision that head every wire page."""
+        return bytes.fromhex(self.manifest.revision)[:16]
+
+    @property
+    def page_size(self) -> int:
+        return self.manifest.page_size
+
+    def adapters(self) -> list[Path]:
+        """Adapter dirs beside this encoder that were calibrated against this revision."""
+        out = []
+        for m in sorted(self.path.parent.glob(f"*/{ADAPTER_FILE}")):
+            try:
+                if json.loads(m.read_text()).get("encoder_revision") == self.revision:
+                    out.append(m.parent)
+            except (OSError, json.JSONDecodeError):
+                continue
+        return out
 
 
-def save_adapter(out: Path, manifest: dict, encoder: ProducerEncoder, decoder: ConsumerDecoder) -> None:
+@dataclass
+class Adapter:
+    """A loaded consumer adapter: its decoder and the encoder it was calibrated against."""
+
+    path: Path
+    manifest: AdapterManifest
+    encoder: Encoder
+    decoder: ConsumerDecoder
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def patch_layers(self) -> list[int]:
+        return self.encoder.manifest.h_layers
+
+    def fold(self, proj: ConsumerProjections) -> FoldedDecoder:
+        """The serving form of the decoder for these consumer projections (CPU fp32; .to() moves it)."""
+        return FoldedDecoder(self.decoder, self.encoder.codec, proj)
+
+    def check_models(self, producer: ModelIdentity | None = None, consumer: ModelIdentity | None = None,
+                     tokenizer: str | None = None) -> None:
+        """ManifestMismatch naming the field where a model or tokenizer is not the calibrated one."""
+        if producer is not None:
+            self.encoder.manifest.producer.check("producer", producer)
+        if consumer is not None:
+            self.manifest.consumer.check("consumer", consumer)
+        if tokenizer is not None and tokenizer != self.encoder.manifest.tokenizer_digest:
+            raise ManifestMismatch(f"calibrated tokenizer digest {self.encoder.manifest.tokenizer_digest[:12]} "
+                                   f"but the model's is {tokenizer[:12]}")
+
+
+def save_encoder(out: Path, manifest: EncoderManifest, encoder: ProducerEncoder) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(encoder.state_dict(), out / "encoder.safetensors")
+    (out / ENCODER_FILE).write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+
+
+def save_adapter(out: Path, manifest: AdapterManifest, decoder: ConsumerDecoder) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, out / "decoder.safetensors")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / ADAPTER_FILE).write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
 
 
-def _check(field: str, expected, actual) -> None:
-    if expected != actual:
-        raise ManifestMismatch(f"adapter manifest {field} is {expected!r} but the model has {actual!r}")
-
-
-def load_adapter(path: Path, producer: LoadedModel | None = None, consumer: LoadedModel | None = None) -> Adapter:
-    """Load adapters/<name>; when models are given, refuse (ManifestMismatch) any identity mismatch."""
+def load_encoder(path: Path) -> Encoder:
     path = Path(path)
-    mpath = path / "manifest.json"
-    if not mpath.exists():
-        raise FileNotFoundError(f"{mpath} not found; calibrate it with `python -m sgl_scd.calibrate`")
-    manifest = json.loads(mpath.read_text())
-    _check("format", manifest.get("format"), FORMAT)
-    _check("codec.version", manifest["codec"]["version"], CODEC_VERSION)
-    for role, model in (("producer", producer), ("consumer", consumer)):
-        if model is None:
-            continue
-        ident = model_identity(model)
-        for key in ("revision", "rope_theta", "num_layers", "kv_heads", "head_dim", "hidden_size"):
-            _check(f"{role}.{key}", manifest[role][key], ident[key])
-        _check("tokenizer.digest", manifest["tokenizer"]["digest"], tokenizer_digest(model.tokenizer))
-    enc_sd = load_file(path / "encoder.safetensors")
-    encoder = ProducerEncoder.from_state_dict(enc_sd, manifest["producer"]["rope_theta"])
-    _check("codec.revision", manifest["codec"]["revision"], encoder_revision(encoder))
-    c = manifest["consumer"]
-    decoder = build_decoder(encoder, manifest["codec"]["decoder_hidden"], c,
-                            manifest["codec"].get("decoder_context", "own"))
+    manifest = _from_dict(EncoderManifest, _read_json(path / ENCODER_FILE), str(path / ENCODER_FILE))
+    codec = ProducerEncoder.from_state_dict(load_file(path / "encoder.safetensors"), manifest.producer.rope_theta)
+    actual = encoder_revision(codec)
+    if actual != manifest.revision:
+        raise ManifestMismatch(f"{path}: encoder.safetensors has revision {actual[:12]} but encoder.json "
+                               f"names {manifest.revision[:12]}")
+    if codec.patch_layers != sorted(manifest.h_layers):
+        raise ManifestError(f"{path}: h layers {codec.patch_layers} in the tensors, {manifest.h_layers} in the manifest")
+    return Encoder(path, manifest, codec)
+
+
+def load_adapter(path: Path, encoder: Encoder | None = None) -> Adapter:
+    """Load an adapter dir with its encoder (by default the one the manifest names, beside it);
+    ManifestMismatch naming both revisions when the encoder is not the one it was calibrated against."""
+    path = Path(path)
+    manifest = _from_dict(AdapterManifest, _read_json(path / ADAPTER_FILE), str(path / ADAPTER_FILE))
+    if encoder is None:
+        encoder = load_encoder(path.parent / manifest.encoder)
+    if encoder.revision != manifest.encoder_revision:
+        raise ManifestMismatch(f"adapter {manifest.name} was calibrated against encoder revision "
+                               f"{manifest.encoder_revision[:12]}, not {encoder.revision[:12]} ({encoder.path})")
+    decoder = build_decoder(encoder.codec, manifest.decoder_hidden, manifest.consumer, manifest.decoder_context)
     decoder.load_state_dict(load_file(path / "decoder.safetensors"))
     decoder.eval().requires_grad_(False)
-    return Adapter(path.name, manifest, encoder, decoder)
+    return Adapter(path, manifest, encoder, decoder)
 
 
-def adapter_dir(consumer_spec: str, path: str | Path | None = None) -> Path:
-    """path if given, else where calibrate writes a consumer's adapter by default (adapters/<name>)."""
-    return Path(path) if path else ADAPTERS_DIR / Path(consumer_spec).name
-
-
-def load_with_models(consumer_spec: str, path: str | Path | None = None, producer_spec: str = "base"
-                     ) -> tuple[LoadedModel, LoadedModel, Adapter]:
-    """(producer, consumer, adapter) as analysis scripts need them, the adapter checked against both."""
-    producer, consumer = models.load(producer_spec), models.load(consumer_spec)
-    return producer, consumer, load_adapter(adapter_dir(consumer_spec, path), producer, consumer)
-
-
-def build_decoder(encoder: ProducerEncoder, hidden: dict[str, int], consumer_ident: dict,
+def build_decoder(encoder: ProducerEncoder, hidden: dict[str, int], consumer: ModelIdentity,
                   context: str = "own") -> ConsumerDecoder:
     """The decoder for an encoder's slots; context: which codes each translator reads (context_inputs)."""
-    kv_dim = consumer_ident["kv_heads"] * consumer_ident["head_dim"]
-    dims = {s: (e.rank, consumer_ident["hidden_size"] if s.kind == "h" else kv_dim)
-            for s, e in encoder.slots.items()}
-    return ConsumerDecoder(dims, hidden, consumer_ident["rope_theta"], consumer_ident["kv_heads"],
-                           consumer_ident["head_dim"], context_inputs(encoder.slots, context))
+    kv_dim = consumer.kv_heads * consumer.head_dim
+    dims = {s: (e.rank, consumer.hidden_size if s.kind == "h" else kv_dim) for s, e in encoder.slots.items()}
+    return ConsumerDecoder(dims, hidden, consumer.rope_theta, consumer.kv_heads, consumer.head_dim,
+                           context_inputs(encoder.slots, context))
 
 
 def slot_summary(encoder: ProducerEncoder) -> dict:
     return {s.name: {"rank": e.rank, "bits": e.bits_per_token} for s, e in encoder.slots.items()}
 
 
-__all__ = ["Adapter", "ManifestMismatch", "Slot", "load_adapter", "save_adapter", "torch"]
+def raw_kv_bytes_per_token(ident: ModelIdentity) -> int:
+    """bf16 K + V of every layer for one token: what raw KV reuse would ship."""
+    return 2 * ident.num_layers * ident.kv_heads * ident.head_dim * 2
+
+
+def as_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -2,7 +2,7 @@
 
 Codes are projected on a PCA basis and divided by each component's standard deviation, so
 each component is ~N(0, 1). A b-bit component uses the mean-squared-error optimal uniform
-quantizer for a unit Gaussian (steps found numerically at import), so no per-token scale
+quantizer for a unit Gaussian (steps solved offline, shipped as constants), so no per-token scale
 is shipped: the steps are static calibration constants. Bits go to components by reverse
 water-filling: each next bit goes where it removes the most (variance-weighted) error.
 """
@@ -17,33 +17,30 @@ import torch
 MAX_BITS = 8
 
 
-def _gauss_mse(step: float, bits: int, grid: np.ndarray, pdf: np.ndarray) -> float:
-    """E[(z - Q(z))^2] for z ~ N(0,1) under the midrise uniform quantizer (numerical integral)."""
-    half = 1 << (bits - 1)
-    q = np.clip(np.floor(grid / step), -half, half - 1)
-    return float(np.sum((grid - (q + 0.5) * step) ** 2 * pdf) * (grid[1] - grid[0]))
-
-
-def _optimal_uniform_tables() -> tuple[dict[int, float], dict[int, float]]:
-    """MSE-optimal uniform step for a unit Gaussian per bit width, and the MSE it achieves
-    (golden-section search on a fine grid; computed once at import, ~10 ms)."""
-    grid = np.linspace(-9, 9, 400_001)
-    pdf = np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi)
-    steps, mses = {}, {0: 1.0}
-    for b in range(1, MAX_BITS + 1):
-        lo, hi = 1e-3, 4.0
-        for _ in range(60):
-            m1, m2 = lo + (hi - lo) * 0.382, lo + (hi - lo) * 0.618
-            if _gauss_mse(m1, b, grid, pdf) < _gauss_mse(m2, b, grid, pdf):
-                hi = m2
-            else:
-                lo = m1
-        steps[b] = (lo + hi) / 2
-        mses[b] = _gauss_mse(steps[b], b, grid, pdf)
-    return steps, mses
-
-
-GAUSS_STEP, GAUSS_MSE = _optimal_uniform_tables()
+# MSE-optimal uniform (midrise) step for a unit Gaussian per bit width, and the MSE it achieves.
+# Solved offline by golden-section search on a fine grid; tests/test_quant_tables.py re-solves
+# them and checks these values (solving at import took seconds on a loaded 2-core machine).
+GAUSS_STEP = {
+    1: 1.595769135771874,
+    2: 0.9956898568165614,
+    3: 0.5860224927865361,
+    4: 0.335198238829457,
+    5: 0.18813905799267555,
+    6: 0.10406374775774618,
+    7: 0.0568678255934162,
+    8: 0.03076245135885137,
+}
+GAUSS_MSE = {
+    0: 1.0,
+    1: 0.36338022784786544,
+    2: 0.1188460504441206,
+    3: 0.037439659416129596,
+    4: 0.011542884446237075,
+    5: 0.003495211363736091,
+    6: 0.0010400454101893426,
+    7: 0.0003043327710965023,
+    8: 8.768618584838363e-05,
+}
 
 
 def allocate_bits(var: torch.Tensor, budget_bits: int) -> torch.Tensor:

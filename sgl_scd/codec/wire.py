@@ -57,12 +57,13 @@ def encode_page(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec
 
 
 def encode_pages(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec_digest: bytes,
-                 page_size: int, *, full_pages_only: bool = True) -> list[bytes]:
-    """Split a prompt's codes into page blobs (by default only full pages, as SGLang keys them)."""
+                 page_size: int, *, full_pages_only: bool = True, first_page: int = 0) -> list[bytes]:
+    """Split codes of consecutive tokens starting at page first_page into page blobs (by default
+    only full pages, as SGLang keys them)."""
     t = next(iter(codes.values())).shape[0]
     end = (t // page_size) * page_size if full_pages_only else t
     return [encode_page(encoder, {s: q[i : i + page_size] for s, q in codes.items()}, codec_digest,
-                        i // page_size, page_size)
+                        first_page + i // page_size, page_size)
             for i in range(0, end, page_size)]
 
 
@@ -97,13 +98,29 @@ def decode_page(encoder: ProducerEncoder, blob: bytes, codec_digest: bytes, page
     return encoder.split(torch.from_numpy(quant.unpack_bits(payload, n, encoder.widths_array())))
 
 
+def valid_prefix(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: bytes, page_size: int,
+                 first_page: int = 0) -> tuple[int, WireError | None]:
+    """How many leading pages of blobs (pages first_page, first_page + 1, ...) are valid, and the
+    error of the first invalid one (None when all are): a corrupt page k of n leaves the k before
+    it usable. Only the last page of a run may be partial."""
+    for i, blob in enumerate(blobs):
+        try:
+            n, _ = _check_page(encoder, blob, codec_digest, first_page + i, page_size)
+        except WireError as exc:
+            return i, exc
+        if n != page_size and i != len(blobs) - 1:
+            return i, WireError(f"page {first_page + i} holds {n} of {page_size} tokens but is not the last page")
+    return len(blobs), None
+
+
 def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: bytes,
-                 page_size: int) -> dict[Slot, torch.Tensor]:
-    """Concatenated codes of consecutive pages 0..len(blobs)-1 (every page checked first;
-    full pages are unpacked together, a shorter last page on its own)."""
+                 page_size: int, first_page: int = 0) -> dict[Slot, torch.Tensor]:
+    """Concatenated codes of consecutive pages first_page, first_page + 1, ... (every page checked
+    first, WireError on the first bad one; full pages are unpacked together, a shorter last page
+    on its own)."""
     if not blobs:
         raise ValueError("no pages to decode")
-    checked = [_check_page(encoder, b, codec_digest, i, page_size) for i, b in enumerate(blobs)]
+    checked = [_check_page(encoder, b, codec_digest, first_page + i, page_size) for i, b in enumerate(blobs)]
     widths = encoder.widths_array()
     full = [p for n, p in checked if n == page_size]
     if any(n != page_size for n, _ in checked[:-1]):
@@ -111,7 +128,7 @@ def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: byt
     parts = [quant.unpack_pages(full, page_size, widths)] if full else []
     if checked[-1][0] != page_size:
         parts.append(quant.unpack_bits(checked[-1][1], checked[-1][0], widths))
-    return encoder.split(torch.from_numpy(np.concatenate(parts)))
+    return encoder.split(torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)))
 
 
 def payload_bytes_per_token(encoder: ProducerEncoder, page_size: int) -> float:

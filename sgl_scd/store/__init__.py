@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+from sgl_scd import settings
 from sgl_scd.store.backends import DEFAULT_TIMEOUTS, Timeouts, open_backend
 from sgl_scd.store.breaker import Breaker
 from sgl_scd.store.client import DEFAULT_TTL_S, PrefixStore
@@ -31,7 +32,7 @@ from sgl_scd.store.metrics import STORE_REGISTRY, StoreMetrics
 from sgl_scd.store.page_hash import namespace_seed, page_hashes
 
 DEFAULT_URL = "embedded://"
-URL_ENV = "SCD_STORE_URL"
+URL_ENV = settings.STORE_URL_ENV
 
 __all__ = [
     "DEFAULT_URL",

@@ -15,7 +15,6 @@ appended), optional query ``?max_bytes=2GiB``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from sgl_scd import settings
 from sgl_scd.store.backends.base import DEFAULT_TIMEOUTS, CounterUpdate, StoreBackend, Timeouts
 from sgl_scd.store.errors import StoreUnavailable
 
@@ -62,9 +62,8 @@ CREATE TRIGGER IF NOT EXISTS kv_upd AFTER UPDATE OF nbytes ON kv BEGIN
 
 
 def default_store_dir() -> Path:
-    """$XDG_CACHE_HOME/sgl_scd/store, else ~/.cache/sgl_scd/store."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "sgl_scd" / "store"
+    """<cache dir>/store: $SCD_CACHE_DIR/store, else $XDG_CACHE_HOME/sgl_scd/store or ~/.cache/sgl_scd/store."""
+    return settings.store_dir()
 
 
 def parse_size(text: str) -> int:

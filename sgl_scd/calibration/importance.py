@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sgl_scd import runtime
+from sgl_scd.hf import runtime
 
 METRICS = ("kv", "hidden")
 

@@ -31,13 +31,14 @@ def cos_sin(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch
 
 
 @lru_cache(maxsize=64)
-def _tables(theta: float, head_dim: int, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 1, D] cos/sin for positions start..start+t-1, cached: a rebuild rotates 30 layers
-    at the same positions. Built outside inference mode, so tables first made while serving can
-    still be used by a distillation's autograd later in the same process."""
+def _tables(theta: float, head_dim: int, start: int, t: int, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, D] fp32 cos/sin for positions start..start+t-1 on a device, cached: a rebuild
+    rotates every layer at the same positions. Built outside inference mode, so tables first made
+    while serving can still be used by a distillation's autograd later in the same process."""
     with torch.inference_mode(False):
         cos, sin = cos_sin(theta, head_dim, torch.arange(start, start + t))
-    return cos[:, None, :], sin[:, None, :]
+    return cos[:, None, :].to(device), sin[:, None, :].to(device)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,11 +48,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
     """Apply RoPE to x [..., T, H, D] at positions start..start+T-1."""
-    cos, sin = _tables(float(theta), x.shape[-1], start, x.shape[-3])  # [T, 1, D] over heads
+    cos, sin = _tables(float(theta), x.shape[-1], int(start), x.shape[-3], x.device)  # [T, 1, D]
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
 def derotate(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
     """Inverse of rotate(): rotation by the negative angle."""
-    cos, sin = _tables(float(theta), x.shape[-1], start, x.shape[-3])
+    cos, sin = _tables(float(theta), x.shape[-1], int(start), x.shape[-3], x.device)
     return (x.float() * cos - _rotate_half(x.float()) * sin).to(x.dtype)

@@ -1,6 +1,6 @@
 """A small HTTP front end over ReuseEngine (reference runtime; SGLang serves on GPU).
 
-  POST /generate  {"model": "<producer or consumer spec>", "prompt": "..." | "messages": [...],
+  POST /generate  {"model": "<producer spec or consumer name>", "prompt": "..." | "messages": [...],
                    "max_new_tokens": 16}
                   -> {"text", "prompt_tokens", "reused_tokens", "miss_cause", "timings"}
   GET  /health    -> {"status": "ok"}
@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from sgl_scd.engine import ReuseEngine
+from sgl_scd.serving.engine import ReuseEngine
 from sgl_scd.store.metrics import STORE_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def make_server(engine: ReuseEngine, host: str, port: int) -> ThreadingHTTPServe
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     lock = threading.Lock()
-    models = {engine.producer.spec: "producer", engine.consumer.spec: "consumer"}
+    models = {engine.producer.spec: "producer", **{name: name for name in engine.consumers}}
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
@@ -106,14 +106,14 @@ def make_server(engine: ReuseEngine, host: str, port: int) -> ThreadingHTTPServe
                 return self._json(404, {"error": f"no route {self.path!r}"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
-                role, ids, mnt = parse_request(self.rfile.read(length), models, engine.consumer.tokenizer)
+                role, ids, mnt = parse_request(self.rfile.read(length), models, engine.producer.tokenizer)
             except BadRequest as e:
                 metrics.requests.labels("unknown", "bad_request").inc()
                 return self._json(400, {"error": str(e)})
             try:
                 with lock, metrics.latency.labels(role).time():
                     engine.max_new_tokens = mnt
-                    res = engine.serve_producer(ids) if role == "producer" else engine.serve_consumer(ids)
+                    res = engine.serve_producer(ids) if role == "producer" else engine.serve_consumer(role, ids)
             except Exception as e:  # one request fails; the server goes on
                 logger.exception("request failed")
                 metrics.requests.labels(role, "error").inc()

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sgl_scd.paths import data_dir
+from sgl_scd.settings import data_dir
 
 EVALS_WHEEL = "evals==3.0.1.post1"
 _MEMBERS = {

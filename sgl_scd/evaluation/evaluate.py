@@ -15,10 +15,10 @@ from functools import cached_property
 import torch
 from tqdm import tqdm
 
-from sgl_scd import runtime
-from sgl_scd.data import QAItem, prompt_ids
-from sgl_scd.models import LoadedModel
-from sgl_scd.quality import MethodScore, answer_kl
+from sgl_scd.demo.data import QAItem, prompt_ids
+from sgl_scd.evaluation.quality import MethodScore, answer_kl
+from sgl_scd.hf import runtime
+from sgl_scd.hf.models import LoadedModel
 
 
 @dataclass

@@ -18,7 +18,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from sgl_scd import quality, rope, runtime
+from sgl_scd.codec import rope
+from sgl_scd.evaluation import quality
+from sgl_scd.hf import runtime
 
 BF16 = 2
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from sgl_scd import runtime
 from sgl_scd.codec.codec import ConsumerDecoder, Slot
+from sgl_scd.hf import runtime
 
 
 @dataclass
@@ -63,6 +63,11 @@ def kl_rows(oracle_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - torch.log_softmax(logits, -1))).sum(-1)
 
 
+def consumer_projections(consumer_model, decoder: ConsumerDecoder):
+    """The consumer's projections at the decoder's patch layers (views of the frozen weights)."""
+    return runtime.projections(consumer_model, [s.layer for s in decoder.slots if s.kind == "h"])
+
+
 def _with_answer(s: DistillSample, k: torch.Tensor, v: torch.Tensor):
     """(ids, k, v, positions, oracle log-probs) of the prompt followed by its teacher-forced answer."""
     if not s.answer:
@@ -76,7 +81,8 @@ def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSa
                weights: list[float], last_share: float = 0.15, answer_share: float = 0.15) -> torch.Tensor:
     """Sum over samples of weight x position-weighted KL(oracle || consumer attending to the
     rebuilt K/V), the samples run as one forward."""
-    ids, k, v, positions, oracle_logp = zip(*(_with_answer(s, *decoder.rebuild(consumer_model, s.z))
+    proj = consumer_projections(consumer_model, decoder)
+    ids, k, v, positions, oracle_logp = zip(*(_with_answer(s, *decoder.rebuild(proj, s.z))
                                               for s in samples))
     logits = runtime.logits_with_kv(consumer_model, list(ids), list(k), list(v), list(positions))
     total = torch.zeros(())
@@ -103,9 +109,10 @@ def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[Distil
     """Mean KL at the first answer token when all but the last prompt token are rebuilt: the
     serving path exactly (rebuild -> cache -> run the last token)."""
     total = 0.0
+    proj = consumer_projections(consumer_model, decoder)
     for s in samples:
         n = len(s.ids)
-        k, v = decoder.rebuild(consumer_model, {slot: z[: n - 1] for slot, z in s.z.items()})
+        k, v = decoder.rebuild(proj, {slot: z[: n - 1] for slot, z in s.z.items()})
         cache = runtime.build_cache(consumer_model, k, v)
         logits = consumer_model(input_ids=torch.tensor([s.ids[-1:]]), position_ids=torch.tensor([[n - 1]]),
                                 past_key_values=cache, use_cache=True).logits[0, -1].float()

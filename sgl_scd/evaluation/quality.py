@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sgl_scd.reuse.policy import top2_margin  # noqa: F401  (the gate's margin, a quality metric too)
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 
@@ -66,12 +68,6 @@ def answer_kl(tokens: list[int], later_logits: list[torch.Tensor], oracle_tokens
         total += kl_divergence(oracle_later_logits[i], later_logits[i])
         steps += 1
     return total if steps else None
-
-
-def top2_margin(logits: torch.Tensor) -> float:
-    """Top-1 minus top-2 probability of a logit vector [V]: how near a tie the choice is."""
-    top = torch.softmax(logits.float(), -1).topk(2).values
-    return float(top[0] - top[1])
 
 
 @dataclass

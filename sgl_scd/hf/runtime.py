@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from sgl_scd import quality, rope
+from sgl_scd.codec import rope
+from sgl_scd.codec.states import ConsumerProjections, KVProjection, ProducerStates
+from sgl_scd.reuse.policy import check_min_margin, top2_margin
 
 
 @dataclass
@@ -40,6 +42,14 @@ class PrefillCapture:
     def k_derotated(self) -> torch.Tensor:
         """Keys with RoPE removed, [L, T, H_kv, D]."""
         return rope.derotate(self.k, self.theta)
+
+    def states(self, h_layers=(), tokens: int | None = None) -> ProducerStates:
+        """The codec's input: K, V of every layer and h at h_layers, for the first `tokens` tokens."""
+        t = self.num_tokens if tokens is None else tokens
+        if h_layers and self.h_in is None:
+            raise ValueError("the encoder needs normalized inputs: capture with hidden=True")
+        return ProducerStates(self.k[:, :t], self.v[:, :t], {layer: self.h_in[layer, :t] for layer in h_layers},
+                              self.theta)
 
 
 @dataclass
@@ -156,19 +166,13 @@ def continue_from_kv(
         )
     check_min_margin(min_margin)
     cache, first_logits, forward_s = _extend(model, ids, k, v)
-    fell_back = k is not None and min_margin > 0 and quality.top2_margin(first_logits) < min_margin
+    fell_back = k is not None and min_margin > 0 and top2_margin(first_logits) < min_margin
     if fell_back:
         cache, first_logits, prefill_s = _extend(model, ids, None, None)
         forward_s += prefill_s
     tokens, later_logits = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
     return Continuation(first_logits=first_logits, tokens=tokens, forward_s=forward_s, fell_back=fell_back,
                         text=tokenizer.decode(tokens, skip_special_tokens=True), later_logits=later_logits)
-
-
-def check_min_margin(min_margin: float) -> None:
-    """ValueError naming the value unless it is a probability gap in [0, 1]."""
-    if not 0.0 <= min_margin <= 1.0:
-        raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin}")
 
 
 def _extend(model, ids, k, v) -> tuple[DynamicCache, torch.Tensor, float]:
@@ -244,6 +248,16 @@ def _stop_ids(tokenizer) -> set[int]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             stop.add(tid)
     return {s for s in stop if s is not None}
+
+
+def projections(model, layers) -> ConsumerProjections:
+    """The consumer's K/V projections at these layers, as tensors (the module parameters, LoRA merged)."""
+    out = {}
+    for layer in layers:
+        attn = attention(model, layer)
+        out[layer] = KVProjection(attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias, attn.v_proj.bias)
+    c = model.config
+    return ConsumerProjections(rope.rope_theta(c), c.num_key_value_heads, c.head_dim, out)
 
 
 def project_kv(model, layer: int, h_in: torch.Tensor, start: int = 0, *, grad: bool = False

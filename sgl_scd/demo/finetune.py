@@ -1,11 +1,13 @@
 """Seeded, CPU-friendly fine-tuning that builds the demo consumers from the base model.
 
-Two recipes (see VARIANTS):
+Three recipes (see VARIANTS), one base, consumers that differ in form and data:
   - demo-lora: peft LoRA r=16 on all 7 linear projections, 400 ToMi train items, 1 epoch,
     lr 3e-4, batch 8, loss on the answer only. The mild case: what multi-LoRA serving looks like.
   - demo-ft: the RoPE base is moved from 1e5 to 1e6 (a long-context style variant) and the whole
     model is fine-tuned: 640 items, 1 epoch, lr 1e-4, loss on the answer plus a lighter LM loss
     on the prompt so attention re-adapts to the new RoPE. The base's raw KV is useless to it.
+  - demo-hitom: peft LoRA r=8 on q_proj, v_proj and up_proj only, trained on 96 Hi-ToM
+    calibration-split stories (long, multi-agent prompts), lr 5e-4, batch 4.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sgl_scd.demo.base import ensure_base
+from sgl_scd.demo.data import load_hitom, load_tomi, prompt_ids
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -33,19 +38,20 @@ class Recipe:
     prompt_loss_weight: float = 0.0  # weight of the LM loss on prompt tokens
     lora_r: int = 16
     lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    data: str = "tomi"  # "tomi" (ToMi train) or "hitom" (the shortest Hi-ToM calib items)
 
 
 VARIANTS = {
     "demo-lora": Recipe(kind="lora", n_train=400, lr=3e-4),
     "demo-ft": Recipe(kind="full", n_train=640, lr=1e-4, rope_theta=1e6, prompt_loss_weight=0.2),
+    "demo-hitom": Recipe(kind="lora", n_train=96, lr=5e-4, batch_size=4, lora_r=8, lora_alpha=16,
+                         lora_targets=("q_proj", "v_proj", "up_proj"), data="hitom"),
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def training_example(tokenizer, item) -> tuple[list[int], int]:
     """(token ids of prompt + answer + <|im_end|>, prompt length)."""
-    from sgl_scd.data import prompt_ids
-
     prompt = prompt_ids(tokenizer, item)
     answer = tokenizer.encode(item.answer + "<|im_end|>", add_special_tokens=False)
     return prompt + answer, len(prompt)
@@ -72,8 +78,6 @@ def _batch_loss(model, batch, pad_id: int, prompt_w: float) -> torch.Tensor:
 def train(recipe: Recipe, out: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from sgl_scd.data import load_tomi
-    from sgl_scd.models import ensure_base
 
     torch.manual_seed(recipe.seed)
     base = ensure_base()
@@ -87,11 +91,11 @@ def train(recipe: Recipe, out: Path) -> dict:
 
         model = get_peft_model(
             model,
-            LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=LORA_TARGETS,
+            LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),
                        lora_dropout=0.0, task_type="CAUSAL_LM"),
         )
     model.train()
-    items = load_tomi("train")[: recipe.n_train]
+    items = load_tomi("train")[: recipe.n_train] if recipe.data == "tomi" else load_hitom("calib")[-recipe.n_train :]
     examples = [training_example(tok, it) for it in items]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)

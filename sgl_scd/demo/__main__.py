@@ -1,0 +1,3 @@
+from sgl_scd.demo.build import main
+
+main()
