@@ -24,10 +24,9 @@ import time
 import torch
 
 from sgl_scd.codec import wire
-from sgl_scd.codec.manifest import adapter_dir, load_adapter
 from sgl_scd.demo import data
-from sgl_scd.evaluation.methods import encode_prompt
-from sgl_scd.hf import models, runtime
+from sgl_scd.hf import runtime
+from sgl_scd.hf.scd import encode_capture, folded, load_with_models
 from sgl_scd.runinfo import write_jsonl
 
 
@@ -49,19 +48,20 @@ def timed(fn, *args):
 
 def measure(adapter, producer, consumer, ids: list[int], repeats: int) -> dict:
     """Median seconds of each stage for one prompt (rebuild covers all tokens but the last)."""
-    ps = adapter.manifest["codec"]["page_size"]
+    enc = adapter.encoder
     cap = runtime.capture_prefill(producer.model, ids[:-1], hidden=True, residual=True)
-    adapter.rebuild(consumer.model, wire.decode_pages(adapter.encoder, encode_prompt(adapter, cap), adapter.codec_digest, ps))  # fold once, warm up
+    fold = folded(adapter, consumer.model)
+    fold.rebuild(wire.decode_pages(enc.codec, encode_capture(enc, cap), enc.digest, enc.page_size))  # warm up
     t = {k: [] for k in ("prefill_s", "encode_s", "decode_s", "fold_s", "suffix_s")}
     for _ in range(repeats):
         t["prefill_s"].append(runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids,
                                                        max_new_tokens=0).forward_s)
-        blobs, s = timed(encode_prompt, adapter, cap)
+        blobs, s = timed(encode_capture, enc, cap)
         t["encode_s"].append(s)
         with torch.inference_mode():
-            codes, s = timed(wire.decode_pages, adapter.encoder, blobs, adapter.codec_digest, ps)
+            codes, s = timed(wire.decode_pages, enc.codec, blobs, enc.digest, enc.page_size)
             t["decode_s"].append(s)
-            (k, v), s = timed(adapter.rebuild, consumer.model, codes)
+            (k, v), s = timed(fold.rebuild, codes)
             t["fold_s"].append(s)
         t["suffix_s"].append(runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids, k, v,
                                                       max_new_tokens=0).forward_s)
@@ -86,8 +86,7 @@ def main(argv=None) -> None:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    producer, consumer = models.load(args.producer), models.load(args.consumer)
-    adapter = load_adapter(adapter_dir(args.consumer, args.adapter), producer, consumer)
+    producer, consumer, adapter = load_with_models(args.consumer, args.adapter, args.producer)
     longest = max(args.tokens)
     source = next((ids for it in data.load_long_context(consumer.tokenizer, min_tokens=longest)
                    if len(ids := data.prompt_ids(consumer.tokenizer, it)) >= longest), None)

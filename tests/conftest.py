@@ -1,14 +1,35 @@
-"""Shared fixtures. Model tests use the real SmolLM2 (the base builds itself from the installed
-wheel in ~20 s); tests needing the fine-tuned demo variants skip, naming the build command."""
+"""Shared fixtures. Model tests use the real SmolLM2 and consumers fine-tuned from it here, so a
+fresh machine runs the SCD path end to end: the base builds from the installed wheel (~20 s),
+the test consumers (ci-ft: full fine-tune with RoPE base 1e6; ci-lora: LoRA r=4) from a few
+steps each (~1 min, cached in the user cache like the demo variants), and one small encoder with
+both consumers' decoders is calibrated per session (~3 min on 2 cores)."""
 
 from __future__ import annotations
+
+import json
+import time
 
 import pytest
 import torch
 
+from sgl_scd.demo import finetune
+from sgl_scd.demo.base import variant_dir
 from sgl_scd.hf import models
 
 torch.set_num_threads(2)
+
+# A small calibration: 24 prompts (the closed-form fit on 16, the other 8 captured as codes
+# only), 8 held-out, 2 distillation epochs, the oracle's first 3 answer tokens supervised.
+SMALL = ["--n-calib", "24", "--n-fit", "16", "--n-dev", "8", "--n-eval", "0", "--n-calib-long", "0",
+         "--n-dev-long", "0", "--epochs", "2", "--hidden-h", "64", "--answer-tokens", "3"]
+
+
+def build_test_variant(name: str) -> models.LoadedModel:
+    path = variant_dir(name)
+    if not (path / "DONE").exists():
+        finetune.build_variant(name, path)
+        (path / "DONE").write_text(json.dumps({"built": time.time()}))
+    return models.load(name)
 
 
 @pytest.fixture(scope="session")
@@ -16,34 +37,48 @@ def base():
     return models.load("base")
 
 
-def load_variant(name: str) -> models.LoadedModel:
-    try:
-        return models.load(name)
-    except FileNotFoundError as e:
-        pytest.skip(f"{e}")
+@pytest.fixture(scope="session")
+def ci_ft(base):
+    return build_test_variant("ci-ft")
 
 
 @pytest.fixture(scope="session")
-def demo_ft():
-    return load_variant("demo-ft")
+def ci_lora(base):
+    return build_test_variant("ci-lora")
 
 
 @pytest.fixture(scope="session")
-def demo_lora():
-    return load_variant("demo-lora")
+def adapters_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapters")
 
 
 @pytest.fixture(scope="session")
-def small_adapter(tmp_path_factory, base, demo_ft):
-    """A small SCD adapter for base -> demo-ft, calibrated here (~1.5 min on 2 cores):
-    24 calibration prompts (the closed-form fit on 16 of them, the other 8 captured as codes only),
-    8 held-out, 2 patch layers, 2 distillation epochs, the oracle's first 3 answer tokens supervised."""
+def small_encoder(adapters_root, ci_ft):
+    """An encoder whose 2 patch layers are ranked for ci-ft, with the small recipe."""
     from sgl_scd import calibrate
+    from sgl_scd.codec.manifest import load_encoder
 
-    out = tmp_path_factory.mktemp("adapters") / "small"
-    calibrate.main(["--consumer", "demo-ft", "--out", str(out), "--n-calib", "24", "--n-fit", "16", "--n-dev", "8",
-                    "--n-eval", "0", "--n-calib-long", "0", "--n-dev-long", "0", "--patch-count", "2", "--epochs", "2",
-                    "--hidden-h", "64", "--answer-tokens", "3"])
+    out = adapters_root / "ci-encoder"
+    calibrate.main(["--consumer", "ci-ft", "--encoder-only", "--out", str(out), "--patch-count", "2", *SMALL])
+    return load_encoder(out)
+
+
+def _calibrated(adapters_root, encoder, consumer: str):
+    from sgl_scd import calibrate
     from sgl_scd.codec.manifest import load_adapter
 
-    return load_adapter(out, base, demo_ft)
+    out = adapters_root / consumer
+    calibrate.main(["--consumer", consumer, "--encoder", str(encoder.path), "--out", str(out), *SMALL])
+    return load_adapter(out)
+
+
+@pytest.fixture(scope="session")
+def small_adapter(adapters_root, small_encoder, ci_ft):
+    """ci-ft's decoders against the small encoder."""
+    return _calibrated(adapters_root, small_encoder, "ci-ft")
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(adapters_root, small_encoder, ci_lora):
+    """ci-lora's decoders against the same encoder: a second consumer of one code set."""
+    return _calibrated(adapters_root, small_encoder, "ci-lora")

@@ -19,11 +19,11 @@ def test_token_counts_refuses_bad_lengths():
             bench.token_counts(bad)
 
 
-def test_measure_times_every_stage(base, demo_ft, small_adapter):
-    ids = data.prompt_ids(demo_ft.tokenizer, data.load_tomi("test")[0])
-    row = load_script("bench_rebuild").measure(small_adapter, base, demo_ft, ids, repeats=1)
+def test_measure_times_every_stage(base, ci_ft, small_adapter):
+    ids = data.prompt_ids(ci_ft.tokenizer, data.load_tomi("test")[0])
+    row = load_script("bench_rebuild").measure(small_adapter, base, ci_ft, ids, repeats=1)
     assert all(row[k] > 0 for k in ("prefill_s", "encode_s", "decode_s", "fold_s", "suffix_s"))
-    ps = small_adapter.manifest["codec"]["page_size"]
+    ps = small_adapter.encoder.page_size
     pages = -(-(len(ids) - 1) // ps)  # all prompt tokens but the last, the last page partial
-    assert pages * wire.HEADER_BYTES < row["payload_bytes"] < pages * ps * wire.payload_bytes_per_token(small_adapter.encoder, ps)
+    assert pages * wire.HEADER_BYTES < row["payload_bytes"] < pages * ps * wire.payload_bytes_per_token(small_adapter.encoder.codec, ps)
     assert row["compute_ratio"] == pytest.approx((row["decode_s"] + row["fold_s"] + row["suffix_s"]) / row["prefill_s"])

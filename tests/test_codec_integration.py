@@ -1,5 +1,7 @@
-"""SCD on the real pair (base -> demo-ft): calibration, the manifest contract, and quality."""
+"""SCD on real models (base -> ci-ft, ci-lora): calibration against one encoder, the artifact
+contracts, and quality."""
 
+import dataclasses
 import json
 
 import pytest
@@ -18,28 +20,29 @@ from sgl_scd.codec.codec import (
 from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.demo import data
 from sgl_scd.evaluation import baselines, evaluate
-from sgl_scd.evaluation.methods import encode_prompt, rebuild_kv, scd_method
+from sgl_scd.evaluation.methods import scd_method
 from sgl_scd.hf import runtime
+from sgl_scd.hf.scd import check_models, encode_capture, rebuild_kv
 
 pytestmark = pytest.mark.model
 
 
-def test_scd_kl_far_below_raw_kv(base, demo_ft, small_adapter):
+def test_scd_kl_far_below_raw_kv(base, ci_ft, small_adapter):
     """Even a small calibration (24 prompts, 2 epochs) must beat raw KV by a wide margin.
-    Measured on 12 held-out items: raw_kv KL ~7 nats (the RoPE change scrambles attention),
-    the small SCD adapter ~0.3-0.6. Requiring SCD < raw/5 leaves >2x margin for CPU/seed noise
-    while still failing if translation is broken (broken decoders land at raw_kv's level)."""
+    raw_kv KL is several nats (the RoPE change scrambles attention), the small SCD adapter well
+    under 1. Requiring SCD < raw/5 leaves margin for CPU/seed noise while still failing if
+    translation is broken (broken decoders land at raw_kv's level)."""
     items = data.load_tomi("test")[:12]
     rows = {r["method"]: r for r in evaluate.evaluate(
-        base, demo_ft, items, {"raw_kv": evaluate.raw_kv, "scd": scd_method(small_adapter)}, desc="it")}
+        base, ci_ft, items, {"raw_kv": evaluate.raw_kv, "scd": scd_method(small_adapter)}, desc="it")}
     assert rows["raw_kv"]["kl"] > 2.0  # the pair really shows the problem
     assert rows["scd"]["kl"] < rows["raw_kv"]["kl"] / 5
     assert rows["scd"]["top1"] > rows["raw_kv"]["top1"]
 
 
-def test_scd_tail_prefills_the_last_tokens(base, demo_ft, small_adapter):
+def test_scd_tail_prefills_the_last_tokens(base, ci_ft, small_adapter):
     item = data.load_tomi("test")[0]
-    p = evaluate.PairItem(base, demo_ft, item, data.prompt_ids(base.tokenizer, item))
+    p = evaluate.PairItem(base, ci_ft, item, data.prompt_ids(base.tokenizer, item))
     out = scd_method(small_adapter, tail=16)(p)
     assert out.timings["tokens"] == len(p.ids) - 16  # rebuilt from codes; the rest prefilled
     assert scd_method(small_adapter)(p).timings["tokens"] == len(p.ids) - 1
@@ -47,51 +50,69 @@ def test_scd_tail_prefills_the_last_tokens(base, demo_ft, small_adapter):
         scd_method(small_adapter, tail=-1)
 
 
-def test_manifest_contract(base, demo_ft, demo_lora, small_adapter, tmp_path):
-    man = small_adapter.manifest
-    assert man["producer"]["revision"] == base.revision and man["consumer"]["revision"] == demo_ft.revision
-    assert man["codec"]["payload_ratio"] < 0.25
-    assert len(man["codec"]["patch_layers"]) <= 2
-    assert (man["calibration"]["n_calib"], man["calibration"]["n_fit"]) == (24, 16)  # distilled on all 24
+def test_one_encoder_two_consumers_and_the_artifact_contract(base, ci_ft, ci_lora, small_encoder,
+                                                              small_adapter, lora_adapter, tmp_path):
+    enc = small_encoder.manifest
+    assert enc.producer.revision == base.revision and enc.payload_ratio < 0.25
+    assert 1 <= len(enc.h_layers) <= 2 and enc.recipe["patch_layers_chosen_by"] == "ci-ft"
     # bit budgets per slot: 3 bits per K/V dim (192), 4 per hidden dim (576) of a patch input
-    bits = {name.rsplit(".", 1)[1]: v["bits"] for name, v in man["codec"]["slots"].items()}
-    assert man["codec"]["patch_bits_per_dim"] == 4.0
+    bits = {name.rsplit(".", 1)[1]: v["bits"] for name, v in enc.slots.items()}
     assert bits["k"] <= 3 * 192 and bits["v"] <= 3 * 192 and 0 < bits["h"] <= 4 * 576
-    path = tmp_path / "a"
-    mf.save_adapter(path, man, small_adapter.encoder, small_adapter.decoder)
+    for adapter, consumer in ((small_adapter, ci_ft), (lora_adapter, ci_lora)):
+        assert adapter.manifest.encoder_revision == small_encoder.revision  # one published code set
+        assert adapter.manifest.consumer.revision == consumer.revision
+        assert (adapter.manifest.calibration["n_calib"], adapter.manifest.calibration["n_fit"]) == (24, 16)
+        check_models(adapter, base, consumer)
+    assert sorted(p.name for p in small_encoder.adapters()) == ["ci-ft", "ci-lora"]
     with pytest.raises(mf.ManifestMismatch, match="consumer.revision"):
-        mf.load_adapter(path, base, demo_lora)  # calibrated for demo-ft, not the LoRA
+        check_models(small_adapter, base, ci_lora)  # calibrated for ci-ft, not the LoRA
     with pytest.raises(mf.ManifestMismatch, match="consumer.rope_theta|consumer.revision"):
-        mf.load_adapter(path, base, base)
-    bad = dict(man, codec=dict(man["codec"], version=99))
-    (path / "manifest.json").write_text(json.dumps(bad))
-    with pytest.raises(mf.ManifestMismatch, match="codec.version"):
-        mf.load_adapter(path)
+        check_models(small_adapter, base, base)
+    # another encoder revision is refused, naming both
+    other = tmp_path / "other-encoder"
+    codec = small_encoder.codec
+    shifted = ProducerEncoder({s: dataclasses.replace(e, mean=e.mean + 1) for s, e in codec.slots.items()},
+                                 codec.theta)
+    mf.save_encoder(other, dataclasses.replace(enc, revision=mf.encoder_revision(shifted)), shifted)
+    with pytest.raises(mf.ManifestMismatch, match=small_encoder.revision[:12]):
+        mf.load_adapter(small_adapter.path, mf.load_encoder(other))
+    # malformed manifests are refused naming the field
+    path = tmp_path / "a"
+    path.mkdir()
+    (path / "decoder.safetensors").write_bytes((small_adapter.path / "decoder.safetensors").read_bytes())
+    man = json.loads((small_adapter.path / "manifest.json").read_text())
+    for bad, needle in ((dict(man, max_tokens="long"), "max_tokens"), (dict(man, extra=1), "extra"),
+                        ({k: v for k, v in man.items() if k != "encoder_revision"}, "encoder_revision"),
+                        (dict(man, format="sgl_scd.adapter/1"), "format")):
+        (path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises((mf.ManifestError, mf.ManifestMismatch), match=needle):
+            mf.load_adapter(path, small_encoder)
 
 
-def test_wire_roundtrip_rebuild_equals_direct(base, demo_ft, small_adapter):
+def test_wire_roundtrip_rebuild_equals_direct(base, ci_ft, small_adapter):
     ids = data.prompt_ids(base.tokenizer, data.load_tomi("test")[3])
     cap = runtime.capture_prefill(base.model, ids[:-1])
-    blobs = encode_prompt(small_adapter, cap)
-    k, v = rebuild_kv(small_adapter, demo_ft.model, blobs)
+    enc = small_adapter.encoder
+    blobs = encode_capture(enc, cap)
+    k, v = rebuild_kv(small_adapter, ci_ft.model, blobs)
     with torch.inference_mode():
-        z = small_adapter.encoder.dequantize(small_adapter.encoder.encode(cap))
-        k2, v2 = small_adapter.decoder.rebuild(demo_ft.model, z)
+        z = enc.codec.dequantize(enc.codec.encode(cap.states(enc.codec.patch_layers)))
+        k2, v2 = small_adapter.decoder.rebuild(runtime.projections(ci_ft.model, enc.codec.patch_layers), z)
     # Serving folds dequantization and the consumer's k/v projections into the decoder (fold.py):
     # the same maps composed in float64, so only fp32 rounding separates it from the trainable form.
     scale = k2.abs().max()
     assert (k - k2).abs().max() < 1e-4 * scale and (v - v2).abs().max() < 1e-4 * v2.abs().max()
     with pytest.raises(wire.WireError):
-        rebuild_kv(small_adapter, demo_ft.model, [blobs[0][:-5]] + blobs[1:])
+        rebuild_kv(small_adapter, ci_ft.model, [blobs[0][:-5]] + blobs[1:])
 
 
 @pytest.mark.parametrize("context", [*CONTEXTS, "kv+hall@17"])
-def test_fold_matches_trainable_form_for_every_decoder_shape(demo_ft, context):
+def test_fold_matches_trainable_form_for_every_decoder_shape(ci_ft, context):
     """The fold stacks translators that read the same codes into one matmul and carries residual
     MLPs on K/V (--hidden-kv) and patch slots: with random weights everywhere (the MLPs' output
     layers too, which calibration starts at 0) it must still equal the trainable form. Same
     fp32-rounding tolerance as above."""
-    cfg = demo_ft.model.config
+    cfg = ci_ft.model.config
     kv_dim = cfg.num_key_value_heads * cfg.head_dim
     torch.manual_seed(0)
     slots = plan_slots(cfg.num_hidden_layers, [3, 17])
@@ -104,17 +125,18 @@ def test_fold_matches_trainable_form_for_every_decoder_shape(demo_ft, context):
         for p in decoder.parameters():
             p.normal_(0, 0.1)
     codes = {s: e.encode(torch.randn(9, e.mean.shape[0])) for s, e in encoder.slots.items()}
-    k, v = FoldedDecoder(decoder, encoder, demo_ft.model).rebuild(codes, start=5)
+    proj = runtime.projections(ci_ft.model, [3, 17])
+    k, v = FoldedDecoder(decoder, encoder, proj).rebuild(codes, start=5)
     with torch.no_grad():
-        k2, v2 = decoder.rebuild(demo_ft.model, encoder.dequantize(codes), start=5)
+        k2, v2 = decoder.rebuild(proj, encoder.dequantize(codes), start=5)
     assert (k - k2).abs().max() < 1e-4 * k2.abs().max() and (v - v2).abs().max() < 1e-4 * v2.abs().max()
 
 
-def test_droidspeak_full_window_is_the_consumer_prefill(base, demo_ft):
+def test_droidspeak_full_window_is_the_consumer_prefill(base, ci_ft):
     """Recomputing every layer from the embeddings must reproduce the consumer's own KV."""
     ids = data.prompt_ids(base.tokenizer, data.load_tomi("test")[0])
-    own = runtime.capture_prefill(demo_ft.model, ids, hidden=False, residual=True)
-    k, v = baselines.recompute_window(demo_ft.model, own.resid[0], 0, own.k.shape[0])
+    own = runtime.capture_prefill(ci_ft.model, ids, hidden=False, residual=True)
+    k, v = baselines.recompute_window(ci_ft.model, own.resid[0], 0, own.k.shape[0])
     assert (k - own.k).abs().max() < 1e-3 and (v - own.v).abs().max() < 1e-3
 
 
@@ -135,7 +157,7 @@ def test_kivi4_constant_groups_stay_finite():
     assert torch.allclose(kh, k, atol=1e-3) and torch.allclose(vh, v)
 
 
-def test_answer_supervision_matches_the_oracle_with_its_own_kv(demo_ft):
+def test_answer_supervision_matches_the_oracle_with_its_own_kv(ci_ft):
     """The teacher-forced answer capture is consistent with the serving path: its tokens are the
     oracle's greedy answer, and the distillation forward (runtime.logits_with_kv) given the
     consumer's own K/V for the prompt reproduces the oracle's log-probs after each answer token.
@@ -144,21 +166,21 @@ def test_answer_supervision_matches_the_oracle_with_its_own_kv(demo_ft):
     from sgl_scd.calibrate import oracle_answer
     from sgl_scd.calibration.distill import kl_rows
 
-    ids = data.prompt_ids(demo_ft.tokenizer, data.load_tomi("test")[3])
+    ids = data.prompt_ids(ci_ft.tokenizer, data.load_tomi("test")[3])
     n = len(ids)
-    cap = runtime.capture_prefill(demo_ft.model, ids, hidden=False)
-    ans = oracle_answer(demo_ft, ids, cap, 3)
+    cap = runtime.capture_prefill(ci_ft.model, ids, hidden=False)
+    ans = oracle_answer(ci_ft, ids, cap, 3)
     assert 1 <= len(ans["answer"]) <= 3
-    assert ans["answer"] == runtime.continue_from_kv(demo_ft.model, demo_ft.tokenizer, ids).tokens[:3]
+    assert ans["answer"] == runtime.continue_from_kv(ci_ft.model, ci_ft.tokenizer, ids).tokens[:3]
     with torch.no_grad():
-        (logits,) = runtime.logits_with_kv(demo_ft.model, [ids + ans["answer"]],
+        (logits,) = runtime.logits_with_kv(ci_ft.model, [ids + ans["answer"]],
                                            [torch.cat([cap.k, ans["answer_k"].to(cap.k.dtype)], 1)],
                                            [torch.cat([cap.v, ans["answer_v"].to(cap.v.dtype)], 1)],
                                            [list(range(n, n + len(ans["answer"])))])
     assert float(kl_rows(ans["answer_logp"], logits).max()) < 1e-2
 
 
-def test_distill_trains_all_but_frozen_translators(base, demo_ft, small_adapter):
+def test_distill_trains_all_but_frozen_translators(base, ci_ft, small_adapter):
     """distill(lr_scale={slot: 0}) leaves that slot's translator bitwise at its start and trains the
     rest. The loss is the dev score itself (dev = train, all weight on the last position) and one
     small full-batch step lowers it, so the trained state is kept (a kept start would make frozen
@@ -169,16 +191,16 @@ def test_distill_trains_all_but_frozen_translators(base, demo_ft, small_adapter)
     from sgl_scd.calibrate import capture_pair, distill_samples
     from sgl_scd.calibration import distill
 
-    enc = small_adapter.encoder
+    enc = small_adapter.encoder.codec
     dec = copy.deepcopy(small_adapter.decoder).requires_grad_(True)
     rng = random.Random(0)
-    caps = [capture_pair(base, demo_ft, data.prompt_ids(base.tokenizer, it), 8, rng, list(enc.slots))
+    caps = [capture_pair(base, ci_ft, data.prompt_ids(base.tokenizer, it), 8, rng, list(enc.slots))
             for it in data.load_tomi("train")[:4]]
     samples = distill_samples(enc, caps)
     frozen = next(s for s in dec.slots if s.kind == "h")
     prefix = f"translators.{frozen.name.replace('.', '_')}."
     before = {k: v.clone() for k, v in dec.state_dict().items()}
-    result = distill.distill(demo_ft.model, dec, samples, samples, epochs=1, lr=3e-5, batch=4, delta_rank=4,
+    result = distill.distill(ci_ft.model, dec, samples, samples, epochs=1, lr=3e-5, batch=4, delta_rank=4,
                              last_share=1.0, lr_scale={frozen: 0.0}, log=lambda *_: None)
     after = dec.state_dict()
     assert result["epoch"] == 1

@@ -8,7 +8,8 @@ import urllib.request
 import pytest
 
 from sgl_scd.demo import data
-from sgl_scd.serving.engine import ReuseEngine, store_identity
+from sgl_scd.reuse import store_identity
+from sgl_scd.serving.engine import ReuseEngine
 from sgl_scd.serving.server import make_server
 from sgl_scd.store import open_store
 
@@ -16,9 +17,10 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture()
-def server_url(tmp_path, base, demo_ft, small_adapter):
-    store = open_store(f"embedded://{tmp_path}/s.sqlite3", store_identity(small_adapter), stats_flush_s=0)
-    srv = make_server(ReuseEngine(base, demo_ft, small_adapter, store), "127.0.0.1", 0)
+def server_url(tmp_path, base, ci_ft, small_adapter):
+    store = open_store(f"embedded://{tmp_path}/s.sqlite3", store_identity(small_adapter.encoder), stats_flush_s=0)
+    srv = make_server(ReuseEngine(base, small_adapter.encoder, store, {"ci-ft": (ci_ft, small_adapter)}),
+                      "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
@@ -42,10 +44,10 @@ def test_producer_then_consumer_reuses_pages(server_url):
     msgs = [{"role": "system", "content": data.SYSTEM_PROMPT}, {"role": "user", "content": item.user_text}]
     code, prod = _post(server_url, {"model": "base", "messages": msgs, "max_new_tokens": 8})
     assert code == 200 and prod["published_pages"] >= 1
-    code, cons = _post(server_url, {"model": "demo-ft", "messages": msgs, "max_new_tokens": 8})
+    code, cons = _post(server_url, {"model": "ci-ft", "messages": msgs, "max_new_tokens": 8})
     assert code == 200 and cons["reused_tokens"] == ((cons["prompt_tokens"] - 1) // 16) * 16
     metrics = urllib.request.urlopen(server_url + "/metrics", timeout=10).read().decode()
-    assert 'sgl_scd_reused_tokens_total{role="consumer"}' in metrics
+    assert 'sgl_scd_reused_tokens_total{role="ci-ft"}' in metrics
     assert "scd_store" in metrics or "sgl_scd_store" in metrics
 
 

@@ -19,7 +19,8 @@ import torch
 
 from sgl_scd.codec import rope
 from sgl_scd.codec.manifest import ModelIdentity, tokenizer_digest
-from sgl_scd.demo.base import BUILD_HINT, DEMO_VARIANTS, base_dir, ensure_base, variant_dir
+from sgl_scd.demo.base import BUILD_HINT, base_dir, ensure_base, variant_dir
+from sgl_scd.demo.finetune import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class LoadedModel:
 
     def identity(self) -> ModelIdentity:
         c = self.config
-        return ModelIdentity(spec=self.spec if "/" not in self.spec else "custom", revision=self.revision,
+        return ModelIdentity(spec=self.spec, revision=self.revision,
                              rope_theta=rope.rope_theta(c), num_layers=c.num_hidden_layers,
                              kv_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_size=c.hidden_size)
 
@@ -59,7 +60,7 @@ def resolve(spec: str) -> Path:
     """Directory of a model spec; raises FileNotFoundError naming the command that builds it."""
     if spec == "base":
         return ensure_base()
-    if spec in DEMO_VARIANTS:
+    if spec in VARIANTS:
         path = variant_dir(spec)
         if not (path / "DONE").exists():
             raise FileNotFoundError(f"demo variant {spec!r} is not built ({path}); {BUILD_HINT}")
@@ -67,7 +68,7 @@ def resolve(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model spec {spec!r} is neither 'base', one of {DEMO_VARIANTS}, nor a directory"
+            f"model spec {spec!r} is neither 'base', one of {sorted(VARIANTS)}, nor a directory"
         )
     return path
 

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 def store_identity(encoder: Encoder, cache_salt: str = "", dtype: str = "float32") -> StoreIdentity:
     """The reuse scope of an encoder's codes: producer, tokenizer, page size, encoder revision."""
     m = encoder.manifest
-    return StoreIdentity(producer_model=m.producer.spec, producer_revision=m.producer.revision,
+    spec = m.producer.spec if "/" not in m.producer.spec else "custom"  # a checkpoint dir: its revision says it all
+    return StoreIdentity(producer_model=spec, producer_revision=m.producer.revision,
                          tokenizer=m.tokenizer_digest, page_size=m.page_size, codec_revision=m.revision,
                          dtype=dtype, sharding="tp1", cache_salt=cache_salt)
 
