@@ -16,57 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from sgl_scd.codec.manifest import load_with_models
 from sgl_scd.demo import data
 from sgl_scd.evaluation import evaluate
+from sgl_scd.evaluation.flips import GATE_SIGNALS, gate_curve, item_row, summarize
 from sgl_scd.evaluation.methods import scd_method
-from sgl_scd.evaluation.quality import kl_divergence, top2_margin
+from sgl_scd.hf.scd import load_with_models
 from sgl_scd.runinfo import write_jsonl
-
-BUCKETS = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 0.7), (0.7, 1.0)]
-GATE_SHARES = (0.1, 0.2, 0.3, 0.4)
-# gate signals, lowest = least sure = prefilled first; "margin" is the oracle's (not known when serving)
-GATE_SIGNALS = ("scd_margin", "scd_top1_prob", "scd_neg_entropy", "margin")
-
-
-def item_row(p: evaluate.PairItem, outs: dict) -> dict:
-    oracle, scd = outs["oracle"].first_logits, outs["scd"].first_logits
-    probs = torch.softmax(scd.double(), -1)
-    return {"kl": kl_divergence(oracle, scd), "margin": top2_margin(oracle),
-            "flip": int(oracle.argmax()) != int(scd.argmax()), "scd_margin": top2_margin(scd),
-            "scd_top1_prob": float(probs.max()), "scd_neg_entropy": float((probs * probs.clamp_min(1e-30).log()).sum())}
-
-
-def gate_curve(rows: list[dict], signal: str, shares=GATE_SHARES) -> list[dict]:
-    """Prefill each share of the items with the lowest signal (a gate on that signal; a prefilled
-    item is exact): the mean KL and first-token flip rate over all items that leaves."""
-    order = sorted(range(len(rows)), key=lambda i: rows[i][signal])
-    out = []
-    for share in shares:
-        gated = set(order[: round(share * len(rows))])
-        kept = [r for i, r in enumerate(rows) if i not in gated]
-        out.append({"signal": signal, "prefilled": len(gated) / max(1, len(rows)),
-                    "mean_kl": sum(r["kl"] for r in kept) / max(1, len(rows)),
-                    "flip_rate": sum(r["flip"] for r in kept) / max(1, len(rows))})
-    return out
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    out = []
-    for lo, hi in BUCKETS:
-        b = [r for r in rows if lo <= r["margin"] < hi or (hi == 1.0 and r["margin"] == 1.0)]
-        out.append({"bucket": f"[{lo}, {hi})", "items": len(b), "flips": sum(r["flip"] for r in b),
-                    "flip_rate": sum(r["flip"] for r in b) / max(1, len(b)),
-                    "mean_kl": sum(r["kl"] for r in b) / max(1, len(b))})
-    kls = sorted((r["kl"] for r in rows), reverse=True)
-    top = max(1, len(kls) // 20)
-    out.append({"bucket": "all", "items": len(rows), "flips": sum(r["flip"] for r in rows),
-                "flip_rate": sum(r["flip"] for r in rows) / max(1, len(rows)),
-                "mean_kl": sum(kls) / max(1, len(kls)), "median_kl": kls[len(kls) // 2] if kls else 0.0,
-                "top5pct_kl_share": sum(kls[:top]) / max(1e-12, sum(kls))})
-    return out
 
 
 def main() -> None:

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from sgl_scd.codec.manifest import adapter_dir, load_adapter
+from sgl_scd.codec.manifest import load_adapter
 from sgl_scd.demo import data
 from sgl_scd.evaluation import baselines, evaluate
 from sgl_scd.evaluation.methods import scd_method
+from sgl_scd.evaluation.pareto import pareto, plot
 from sgl_scd.hf import models
+from sgl_scd.hf.scd import adapter_dir, check_models
 from sgl_scd.runinfo import provenance
 
 BANDWIDTHS = (1, 10, 25, 100, 200, 400)
@@ -34,17 +36,6 @@ BANDWIDTHS = (1, 10, 25, 100, 200, 400)
 
 def log(msg: str) -> None:
     print(f"[bench_pareto] {msg}", file=sys.stderr, flush=True)
-
-
-def pareto(rows: list[dict], bw: int) -> set[str]:
-    """Methods not dominated in (TTFT at bw, KL): no other is at least as good in both and better in one."""
-    front = set()
-    for r in rows:
-        t, q = r["ttft_s"][str(bw)], r["kl"]
-        if not any((o["ttft_s"][str(bw)] <= t and o["kl"] <= q) and (o["ttft_s"][str(bw)] < t or o["kl"] < q)
-                   for o in rows if o is not r):
-            front.add(r["method"])
-    return front
 
 
 def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_token, max_new_tokens) -> list[dict]:
@@ -87,61 +78,6 @@ def run_dataset(name, items, producer, consumer, methods, bandwidths, raw_per_to
         for r in rows:
             r.setdefault("on_pareto", {})[str(bw)] = r["method"] in front
     return rows
-
-
-COLORS = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
-          "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_tail": "navy", "scd_gate": "tab:green"}
-
-
-VARIANT_FAMILIES = ("scd_gate", "scd_tail")  # method names that end in their setting: scd_gate0.2
-
-
-def split_variant(method: str) -> tuple[str, str]:
-    """("scd_gate", "0.2") for "scd_gate0.2"; (method, "") for a method without a setting."""
-    for family in VARIANT_FAMILIES:
-        if method.startswith(family) and method != family:
-            return family, method.removeprefix(family)
-    return method, ""
-
-
-def method_color(method: str) -> str:
-    return COLORS.get(split_variant(method)[0], "0.3")
-
-
-def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows_by_dataset)
-    fig, axes = plt.subplots(len(names), len(bandwidths), figsize=(3.2 * len(bandwidths), 3.0 * len(names)),
-                             squeeze=False)
-    for i, name in enumerate(names):
-        for j, bw in enumerate(bandwidths):
-            ax = axes[i][j]
-            rows = rows_by_dataset[name]
-            front = sorted((r for r in rows if r["on_pareto"][str(bw)]), key=lambda r: r["ttft_s"][str(bw)])
-            ax.plot([r["ttft_s"][str(bw)] * 1e3 for r in front], [r["kl"] + 1e-3 for r in front], "--",
-                    color="0.6", zorder=1)
-            for r in rows:
-                family, setting = split_variant(r["method"])
-                ax.scatter(r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3, color=method_color(r["method"]),
-                           label=family, zorder=2, s=40)
-                if setting:  # one legend entry per family; the points carry their setting
-                    ax.annotate(setting, (r["ttft_s"][str(bw)] * 1e3, r["kl"] + 1e-3), fontsize=6,
-                                xytext=(2, 3), textcoords="offset points")
-            ax.set_yscale("log")
-            ax.set_title(f"{name} @ {bw} Gbps", fontsize=9)
-            ax.set_xlabel("TTFT (ms)", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("KL vs oracle + 1e-3", fontsize=8)
-            ax.tick_params(labelsize=7)
-    legend = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))  # label -> handle, deduplicated
-    fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=len(legend), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(out, dpi=110)
-    log(f"wrote {out}")
 
 
 def main(argv=None) -> None:
@@ -189,7 +125,7 @@ def main(argv=None) -> None:
     for key, path in (("scd_reuse", adapter_dir(f"{args.consumer}-reuse", args.reuse_adapter)),
                       ("scd", adapter_dir(args.consumer, args.adapter))):
         try:
-            adapter = load_adapter(path, producer, consumer)
+            adapter = check_models(load_adapter(path), producer, consumer)
         except FileNotFoundError as e:
             log(f"skipping {key}: {e}")
             continue
@@ -219,7 +155,9 @@ def main(argv=None) -> None:
                     f"payload={r['payload_ratio']:.3f}x compute={r['compute_ratio_vs_prefill']:.3f}x "
                     f"prefilled={r['fallback_rate']:.2f} "
                     f"ttft@200={r['ttft_s'].get('200', float('nan')) * 1e3:.1f}ms")
-    plot(results, bws, Path(args.png) if args.png else out.with_suffix(".png"))
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    plot(results, bws, png)
+    log(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -17,58 +17,14 @@ One JSON line per length to --json (config, git SHA, machine), and a table on st
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from sgl_scd.codec import wire
 from sgl_scd.demo import data
-from sgl_scd.hf import runtime
-from sgl_scd.hf.scd import encode_capture, folded, load_with_models
+from sgl_scd.evaluation.timing import STAGES, measure, token_counts
+from sgl_scd.hf.scd import load_with_models
 from sgl_scd.runinfo import write_jsonl
-
-
-def token_counts(text: str) -> list[int]:
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens takes comma-separated integers, got {text!r}") from None
-    if not counts or min(counts) < 2:
-        raise argparse.ArgumentTypeError(f"--tokens needs prompt lengths >= 2, got {text!r}")
-    return sorted(set(counts))
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
-
-
-def measure(adapter, producer, consumer, ids: list[int], repeats: int) -> dict:
-    """Median seconds of each stage for one prompt (rebuild covers all tokens but the last)."""
-    enc = adapter.encoder
-    cap = runtime.capture_prefill(producer.model, ids[:-1], hidden=True, residual=True)
-    fold = folded(adapter, consumer.model)
-    fold.rebuild(wire.decode_pages(enc.codec, encode_capture(enc, cap), enc.digest, enc.page_size))  # warm up
-    t = {k: [] for k in ("prefill_s", "encode_s", "decode_s", "fold_s", "suffix_s")}
-    for _ in range(repeats):
-        t["prefill_s"].append(runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids,
-                                                       max_new_tokens=0).forward_s)
-        blobs, s = timed(encode_capture, enc, cap)
-        t["encode_s"].append(s)
-        with torch.inference_mode():
-            codes, s = timed(wire.decode_pages, enc.codec, blobs, enc.digest, enc.page_size)
-            t["decode_s"].append(s)
-            (k, v), s = timed(fold.rebuild, codes)
-            t["fold_s"].append(s)
-        t["suffix_s"].append(runtime.continue_from_kv(consumer.model, consumer.tokenizer, ids, k, v,
-                                                      max_new_tokens=0).forward_s)
-    row = {k: statistics.median(v) for k, v in t.items()}
-    row["payload_bytes"] = sum(map(len, blobs))
-    row["compute_ratio"] = (row["decode_s"] + row["fold_s"] + row["suffix_s"]) / row["prefill_s"]
-    return row
 
 
 def main(argv=None) -> None:
@@ -98,7 +54,7 @@ def main(argv=None) -> None:
     for n in args.tokens:
         row = {"tokens": n, **measure(adapter, producer, consumer, source[:n], args.repeats)}
         rows.append(row)
-        ms = {k: row[k] * 1e3 for k in ("prefill_s", "encode_s", "decode_s", "fold_s", "suffix_s")}
+        ms = {k: row[k] * 1e3 for k in STAGES}
         print(f"{n:>7} {ms['prefill_s']:>7.0f}ms {ms['encode_s']:>6.0f}ms {ms['decode_s']:>6.0f}ms "
               f"{ms['fold_s']:>6.0f}ms {ms['suffix_s']:>6.0f}ms {row['compute_ratio']:>6.3f}x", file=sys.stderr)
     config = {"producer": args.producer, "consumer": args.consumer, "adapter": adapter.name,

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Prefix-store throughput and latency: PrefixStore.publish (put) and fetch_prefix (get).
 
-For each backend (embedded SQLite, Redis), value size (code-sized ~6 KB pages and
+For each backend (embedded SQLite, Redis), value size (code pages as the demo encoder writes them,
+16 tokens x ~5,480 B = ~88 KB at 0.238x raw bf16 KV, or the size of a given --encoder's pages; and
 raw-KV-sized 23040 B/token x 16 tokens = 368,640 B pages) and batch size (pages per
 call), it times one publish and one fetch per iteration on the same batch of keys
 (overwritten in place, so memory stays bounded) and reports payload GB/s and p50/p99
@@ -34,7 +35,8 @@ from sgl_scd.store.backends import open_backend
 from sgl_scd.store.errors import StoreUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {"code": 6 * 1024, "rawkv": 23040 * 16}
+# 16-token pages of the demo model: SCD codes at 5,474 B/token + the 40-byte wire frame, raw bf16 K+V
+SIZES = {"code": 5474 * 16 + 40, "rawkv": 23040 * 16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backends", default="embedded,redis",
                    help="comma list of embedded, redis (default %(default)s)")
     p.add_argument("--sizes", default="code,rawkv",
-                   help="comma list of code (6144 B), rawkv (368640 B) or byte counts")
+                   help="comma list of code (87624 B, the demo's 16-token code page), rawkv (368640 B) or "
+                        "byte counts")
+    p.add_argument("--encoder", metavar="DIR",
+                   help="measure 'code' at this encoder's real page size (its payload B/token x page size)")
     p.add_argument("--batches", default="1,8,32,128", help="pages per call (default %(default)s)")
     p.add_argument("--budget-mb", type=float, default=128.0,
                    help="payload MB to move per (backend, size, batch, op) (default %(default)s)")
@@ -59,8 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for b in args.backends:
         if b not in ("embedded", "redis"):
             p.error(f"--backends: unknown backend {b!r} (embedded, redis)")
+    sizes = dict(SIZES)
+    if args.encoder:
+        man = json.loads((Path(args.encoder) / "encoder.json").read_text())
+        sizes["code"] = round(man["payload_bytes_per_token"] * man["page_size"])
     try:
-        args.sizes = [(s, SIZES[s]) if s in SIZES else (f"{int(s)}B", int(s))
+        args.sizes = [(s, sizes[s]) if s in sizes else (f"{int(s)}B", int(s))
                       for s in args.sizes.split(",") if s]
         args.batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError as exc:

@@ -17,25 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def table(rows: list[dict], bandwidths: list[str]) -> str:
-    ans = any("kl_answer" in r for r in rows)  # runs before quality.answer_kl lack it
-    head = (["set", "method", "n", "F1", "F1/oracle", "KL"] + ["KL ans"] * ans
-            + ["top-1", "same", "payload/raw", "(rebuild+suffix)/prefill", "prefilled", "rebuild"]
-            + [f"TTFT@{bw}" for bw in bandwidths] + ["Pareto@<=200"])
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    oracle_f1 = {r["dataset"]: r["f1"] for r in rows if r["method"] == "oracle"}
-    for r in rows:
-        ref = oracle_f1.get(r["dataset"]) or float("nan")
-        front = all(v for bw, v in r["on_pareto"].items() if int(bw) <= 200)
-        cells = [r["dataset"], r["method"], str(r["n"]), f"{r['f1']:.3f}", f"{r['f1'] / ref:.2f}", f"{r['kl']:.3f}"]
-        cells += [f"{r.get('kl_answer', float('nan')):.3f}"] * ans
-        cells += [f"{r['top1']:.2f}", f"{r['same_answer']:.2f}", f"{r['payload_ratio']:.3f}",
-                  f"{r['compute_ratio_vs_prefill']:.3f}", f"{r.get('fallback_rate', 0.0):.2f}",
-                  f"{r['rebuild_s'] * 1e3:.0f} ms"]
-        cells += [f"{r['ttft_s'][bw] * 1e3:.0f} ms" for bw in bandwidths]
-        out.append("| " + " | ".join(cells + ["yes" if front else "no"]) + " |")
-    return "\n".join(out)
+from sgl_scd.evaluation.pareto import table
 
 
 def main(argv=None) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sgl_scd.calibration import distill, importance
+from sgl_scd.calibration import distill
 from sgl_scd.codec import manifest as mf
 from sgl_scd.codec import wire
 from sgl_scd.codec.codec import (
@@ -136,20 +136,6 @@ def prompts_from_file(path: Path, tokenizer) -> list[tuple[list[int], data.QAIte
     return out
 
 
-def layer_bits(spec: str) -> dict[int, float]:
-    """"23=8,18=2" -> {23: 8.0, 18: 2.0}: bits per dim by layer (argparse type; names the bad part)."""
-    out = {}
-    for part in filter(None, (x.strip() for x in spec.split(","))):
-        layer, _, b = part.partition("=")
-        try:
-            out[int(layer)] = float(b)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected LAYER=BITS, got {part}") from None
-        if not 0 < out[int(layer)] <= 8:
-            raise argparse.ArgumentTypeError(f"bits per dim must be in (0, 8], got {part}")
-    return out
-
-
 def layer_list(spec: str) -> list[int]:
     """"23,17" -> [17, 23] (argparse type of --patch-layers; names the bad value)."""
     parts = [x.strip() for x in spec.split(",") if x.strip()]
@@ -176,32 +162,19 @@ def fit_subset(n: int, n_fit: int) -> list[int]:
     return sorted({i * n // n_fit for i in range(n_fit)})
 
 
-def _fit_pca_encoder(x: torch.Tensor, _y: torch.Tensor, budget_bits: int):
-    return fit_slot_encoder(x, budget_bits)
-
-
 def fit_codec(train: list[PairCapture], bits: dict, theta: float, ridge_lam: float,
-              fit_encoder=_fit_pca_encoder, kinds: tuple[str, ...] = ("k", "v", "h"), metric=None,
-              fitted: ProducerEncoder | None = None,
+              kinds: tuple[str, ...] = ("k", "v", "h"), fitted: ProducerEncoder | None = None,
               ) -> tuple[ProducerEncoder, dict[Slot, tuple[torch.Tensor, torch.Tensor]]]:
-    """Encoders for every slot of the given kinds and closed-form decoders (W, b).
+    """Encoders (producer-only PCA) for every slot of the given kinds and closed-form decoders (W, b).
 
-    bits: budget bits per token by slot kind, overridden for a slot by a Slot key. fit_encoder(x
-    [N, d] producer, y [N, d'] consumer, budget bits) -> SlotEncoder; the default is the
-    producer-only PCA basis (ablations pass other bases). metric(slot) -> [d, m] or None: fit that
-    slot's PCA in this metric (fit_slot_encoder) instead. fitted: a published encoder; only the
-    decoders of its slots are fitted."""
+    bits: budget bits per token by slot kind. fitted: a published encoder; only the decoders of
+    its slots are fitted."""
     slots = list(fitted.slots) if fitted else [s for s in sorted(train[0].producer) if s.kind in kinds]
     encoders, affine = {}, {}
     for s in tqdm(slots, desc="fit ridge decoders" if fitted else "fit encoders + ridge decoders", file=sys.stderr):
         x = torch.cat([p.producer[s] for p in train]).float()  # [N, d]
         y = torch.cat([p.consumer[s] for p in train]).float()  # [N, d']
-        if fitted:
-            enc = fitted.slots[s]
-        else:
-            a, budget = metric(s) if metric else None, bits.get(s, bits[s.kind])
-            enc = fit_encoder(x, y, budget) if a is None else fit_slot_encoder(x, budget, a)
-        encoders[s] = enc
+        enc = encoders[s] = fitted.slots[s] if fitted else fit_slot_encoder(x, bits[s.kind])
         affine[s] = ridge(enc.dequantize(enc.encode(x)), y, ridge_lam)
     return ProducerEncoder(encoders, theta), affine
 
@@ -354,13 +327,8 @@ def calibrate(args) -> Path:
         kv_dim = ident.kv_heads * ident.head_dim
         bits = {"k": round(args.bits_per_dim * kv_dim), "v": round(args.bits_per_dim * kv_dim),
                 "h": round(args.patch_bits_per_dim * ident.hidden_size)}
-        bits.update({Slot(layer, "h"): round(b * ident.hidden_size) for layer, b in args.layer_patch_bits.items()})
         kinds = ("k", "v", "h") if args.patch_layers is not None or args.patch_count > 0 else ("k", "v")
-
-        def metric(s: Slot):  # h codes in the K/V metric of the producer's own projections (importance.py)
-            return importance.kv_metric(producer.model, s.layer) if s.kind == "h" and args.patch_metric == "kv" else None
-
-        enc_all, affine = fit_codec(train, bits, theta, args.ridge, kinds=kinds, metric=metric)
+        enc_all, affine = fit_codec(train, bits, theta, args.ridge, kinds=kinds)
         if args.patch_layers is not None:
             patch, chosen_by = args.patch_layers, "given"
         elif args.patch_count > 0:
@@ -370,8 +338,7 @@ def calibrate(args) -> Path:
             patch, chosen_by = [], "none"
         enc = ProducerEncoder({s: enc_all.slots[s] for s in plan_slots(ident.num_layers, patch)}, theta)
         recipe = {"bits_per_dim": args.bits_per_dim, "patch_bits_per_dim": args.patch_bits_per_dim,
-                  "layer_patch_bits": {str(k): v for k, v in args.layer_patch_bits.items()},
-                  "patch_metric": args.patch_metric, "patch_layers_chosen_by": chosen_by,
+                  "patch_layers_chosen_by": chosen_by,
                   "basis": "producer-pca"}
         enc_out = Path(args.out or ADAPTERS_DIR / args.name) if args.encoder_only else encoder_dir_for(args)
         published = write_encoder(enc_out, enc, producer, args.page_size, recipe,
@@ -391,12 +358,10 @@ def calibrate(args) -> Path:
     for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
         train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots),
                                                       args.answer_tokens)])
-    wide = parse_context(args.decoder_context)[1] or ()
-    lr_scale = {Slot(layer, "h"): args.wide_lr_scale for layer in wide}
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
                              delta_rank=args.delta_rank, long_share=args.long_share,
                              last_share=args.last_share, answer_share=args.answer_share,
-                             lr_scale=lr_scale, log=log)
+                             log=log)
     dec.eval().requires_grad_(False)
     out = Path(args.out or ADAPTERS_DIR / args.name)
     man = mf.AdapterManifest(
@@ -407,7 +372,7 @@ def calibrate(args) -> Path:
         max_tokens=max(lengths),
         calibration={"source": source, "data_digest": digest, "n_calib": len(train_s), "n_fit": len(fit_idx),
                      "n_dev": len(dev_s), "min_tokens": min(lengths), "positions": args.positions,
-                     "epochs": args.epochs, "lr": args.lr, "wide_lr_scale": args.wide_lr_scale,
+                     "epochs": args.epochs, "lr": args.lr,
                      "delta_rank": args.delta_rank, "long_share": args.long_share, "last_share": args.last_share,
                      "answer_tokens": args.answer_tokens, "answer_share": args.answer_share, "seed": args.seed,
                      "budget_kl": args.budget_kl, "distill": result})
@@ -482,13 +447,6 @@ def main(argv=None) -> None:
                    help="average code bits per hidden dimension of a patch layer's normalized input (default "
                         "4.0: a patch layer then costs 2x a reuse layer's K+V codes; patch codes buy more "
                         "KL per bit than reuse codes, docs/codec.md)")
-    p.add_argument("--layer-patch-bits", type=layer_bits, default={},
-                   help="bits per hidden dim for single patch layers, overriding --patch-bits-per-dim, "
-                        "e.g. 23=8,18=2 (spend the patch bytes where the error is: scripts/error_by_layer.py)")
-    p.add_argument("--patch-metric", choices=importance.METRICS, default="hidden",
-                   help="what a patch code's PCA and bit allocation measure: 'hidden' (default) the normalized input "
-                        "itself; 'kv' the K/V it turns into through the producer's k_proj/v_proj, so no bits go "
-                        "to directions those ignore (a 3x lower quantization floor, docs/codec.md)")
     p.add_argument("--patch-count", type=int, default=6,
                    help="patch the N layers with the largest held-out gain (default 6; 0 = reuse only)")
     p.add_argument("--patch-layers", type=layer_list, help="explicit patch layers instead, e.g. 17,23 (overrides --patch-count)")
@@ -517,14 +475,8 @@ def main(argv=None) -> None:
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--decoder-context", type=decoder_context, default="kv+h",
                    help="codes each translator reads: own (its slot's), kv (a reuse slot its layer's K and V), "
-                        "kv+h (those and the nearest patch layer's normalized input; kv without patch "
-                        "layers), kv+hh (kv+h, and each patch slot also the nearest other patch layer's), kv+hall (kv+h, "
-                        "and each patch slot every patch layer's), kv+hall@23,24 (kv+hall for patch layers 23 "
-                        "and 24 only); context costs no payload, only rebuild compute (default kv+h)")
-    p.add_argument("--wide-lr-scale", type=float, default=1.0,
-                   help="with kv+hall@LAYERS, those layers' predictors learn at this multiple of --lr (default 1; "
-                        "0 keeps them at their closed form): Adam moves a map's output in proportion to its input "
-                        "width, and the wide ones read every patch code (docs/codec.md)")
+                        "kv+h (those and the nearest patch layer's normalized input; kv without patch layers); "
+                        "context costs no payload, only rebuild compute (default kv+h)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per store page (SGLang --page-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -532,7 +484,7 @@ def main(argv=None) -> None:
     if args.encoder and args.encoder_only:
         p.error("--encoder (fit decoders against a published encoder) and --encoder-only exclude each other")
     if args.encoder and not (Path(args.encoder) / mf.ENCODER_FILE).exists():
-        p.error(f"--encoder {args.encoder}: no {mf.ENCODER_FILE} there")
+        p.error(f"--encoder takes a published encoder dir (with {mf.ENCODER_FILE}), got {args.encoder}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.name = args.name or Path(args.consumer).name
@@ -550,16 +502,10 @@ def main(argv=None) -> None:
         p.error(f"--answer-share must be in [0, 1), got {args.answer_share}")
     if args.n_fit < 1:
         p.error(f"--n-fit must be >= 1, got {args.n_fit}")
-    if args.wide_lr_scale < 0:
-        p.error(f"--wide-lr-scale must be >= 0, got {args.wide_lr_scale}")
     if args.delta_rank < 0:
         p.error(f"--delta-rank must be >= 0, got {args.delta_rank}")
     if args.patch_count < 0:
         p.error(f"--patch-count must be >= 0, got {args.patch_count}")
-    wide = parse_context(args.decoder_context)[1]
-    if wide is not None and (args.patch_layers is None or not set(wide) <= set(args.patch_layers)):
-        p.error(f"--decoder-context {args.decoder_context} needs its layers among --patch-layers "
-                f"(got {args.patch_layers})")
     calibrate(args)
 
 

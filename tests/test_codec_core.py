@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from sgl_scd.codec import rope, wire
-from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, context_inputs, fit_slot_encoder, plan_slots
+from sgl_scd.codec.codec import (
+    ConsumerDecoder,
+    ProducerEncoder,
+    context_inputs,
+    fit_slot_encoder,
+    plan_slots,
+)
 from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.codec.states import ConsumerProjections, KVProjection, LoraDelta, ProducerStates
 
@@ -63,7 +69,7 @@ def test_rebuild_layer_writes_into_caller_buffers_of_another_dtype():
     fold = FoldedDecoder(dec, enc, proj)
     codes = enc.encode(_states(2 * PS))
     pool_k, pool_v = torch.zeros(10, H, D, dtype=torch.bfloat16), torch.zeros(10, H, D, dtype=torch.bfloat16)
-    k, v = fold.rebuild_layer(1, codes, start=0)
+    k, _ = fold.rebuild_layer(1, codes, start=0)
     fold.rebuild_layer(1, codes, start=0, out=(pool_k[2:10], pool_v[2:10]))
     # bf16 keeps 8 mantissa bits: 1% relative
     assert torch.allclose(pool_k[2:10].float(), k, rtol=1e-2, atol=1e-2 * k.abs().max())
@@ -122,12 +128,12 @@ def test_wire_pages_from_a_first_page_and_the_valid_prefix():
 
 
 @pytest.mark.parametrize("bad, needle", [
-    (dict(k=torch.zeros(2, 3, 4)), "shape"),
-    (dict(start=-1), "start"),
-    (dict(h={0: torch.zeros(5, HID)}), "h of layer 0"),
+    ({"k": torch.zeros(2, 3, 4)}, "shape"),
+    ({"start": -1}, "start"),
+    ({"h": {0: torch.zeros(5, HID)}}, "h of layer 0"),
 ])
 def test_producer_states_refuse_bad_shapes_naming_them(bad, needle):
-    good = dict(k=torch.zeros(L, 3, H, D), v=torch.zeros(L, 3, H, D), h={}, theta=1e4, start=0)
+    good = {"k": torch.zeros(L, 3, H, D), "v": torch.zeros(L, 3, H, D), "h": {}, "theta": 1e4, "start": 0}
     if "k" in bad:
         good["v"] = bad["k"]
     with pytest.raises(ValueError, match=needle):

@@ -106,7 +106,7 @@ def test_wire_roundtrip_rebuild_equals_direct(base, ci_ft, small_adapter):
         rebuild_kv(small_adapter, ci_ft.model, [blobs[0][:-5]] + blobs[1:])
 
 
-@pytest.mark.parametrize("context", [*CONTEXTS, "kv+hall@17"])
+@pytest.mark.parametrize("context", CONTEXTS)
 def test_fold_matches_trainable_form_for_every_decoder_shape(ci_ft, context):
     """The fold stacks translators that read the same codes into one matmul and carries residual
     MLPs on K/V (--hidden-kv) and patch slots: with random weights everywhere (the MLPs' output

@@ -1,4 +1,5 @@
-"""scripts/bench_pareto.py's frontier and scripts/pareto_table.py's table, on hand-made rows."""
+"""evaluation.pareto (bench_pareto's frontier and plot, scripts/pareto_table.py's table) and
+evaluation.flips (answer_flips), on hand-made rows."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 import subprocess
 import sys
 
-from script_loader import load_script
 from store_fixtures import REPO
+
+from sgl_scd.evaluation import flips, pareto
 
 
 def row(method: str, kl: float, ttft: float, f1: float = 0.5) -> dict:
@@ -18,18 +20,17 @@ def row(method: str, kl: float, ttft: float, f1: float = 0.5) -> dict:
 
 def test_frontier_drops_only_dominated_methods():
     rows = [row("oracle", 0.0, 1.0), row("fast", 0.5, 0.1), row("slow_bad", 0.6, 0.2), row("tie", 0.5, 0.1)]
-    front = load_script("bench_pareto").pareto(rows, 200)
+    front = pareto.pareto(rows, 200)
     assert front == {"oracle", "fast", "tie"}  # slow_bad is slower and worse than fast; ties dominate nothing
 
 
 def test_plot_names_each_method_family_once(tmp_path):
-    bench = load_script("bench_pareto")
-    assert bench.split_variant("scd_gate0.2") == ("scd_gate", "0.2") and bench.split_variant("scd") == ("scd", "")
-    assert bench.method_color("scd_gate0.5") == bench.COLORS["scd_gate"]
+    assert pareto.split_variant("scd_gate0.2") == ("scd_gate", "0.2") and pareto.split_variant("scd") == ("scd", "")
+    assert pareto.method_color("scd_gate0.5") == pareto.COLORS["scd_gate"]
     rows = [row("oracle", 0.0, 1.0), row("scd", 0.1, 0.1), row("scd_gate0.2", 0.08, 0.2), row("scd_gate0.5", 0.05, 0.4)]
     for r in rows:
         r["on_pareto"] = {"1": True, "200": True}
-    bench.plot({"tomi": rows}, [1, 200], tmp_path / "p.png")
+    pareto.plot({"tomi": rows}, [1, 200], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000  # a rendered figure, not an empty canvas
 
 
@@ -55,7 +56,7 @@ def test_table_renders_every_row(tmp_path):
 def test_answer_flips_buckets_by_oracle_margin():
     rows = [{"kl": 0.5, "margin": 0.05, "flip": True}, {"kl": 0.1, "margin": 0.05, "flip": False},
             {"kl": 0.02, "margin": 0.9, "flip": False}, {"kl": 0.0, "margin": 1.0, "flip": False}]
-    s = load_script("answer_flips").summarize(rows)
+    s = flips.summarize(rows)
     by = {r["bucket"]: r for r in s}
     assert by["[0.0, 0.1)"]["items"] == 2 and by["[0.0, 0.1)"]["flip_rate"] == 0.5
     assert by["[0.7, 1.0)"]["items"] == 2  # a margin of exactly 1 lands in the last bucket
@@ -66,7 +67,7 @@ def test_answer_flips_buckets_by_oracle_margin():
 def test_answer_flips_gate_curve_prefills_the_least_sure_first():
     rows = [{"kl": 0.5, "flip": True, "scd_margin": 0.05}, {"kl": 0.1, "flip": False, "scd_margin": 0.3},
             {"kl": 0.02, "flip": False, "scd_margin": 0.9}, {"kl": 0.0, "flip": False, "scd_margin": 1.0}]
-    curve = load_script("answer_flips").gate_curve(rows, "scd_margin", shares=(0.0, 0.25, 0.5))
+    curve = flips.gate_curve(rows, "scd_margin", shares=(0.0, 0.25, 0.5))
     assert [g["prefilled"] for g in curve] == [0.0, 0.25, 0.5]
     assert abs(curve[0]["mean_kl"] - 0.155) < 1e-9 and curve[0]["flip_rate"] == 0.25  # nothing gated
     assert abs(curve[1]["mean_kl"] - 0.03) < 1e-9 and curve[1]["flip_rate"] == 0.0  # the flip was the least sure
@@ -84,7 +85,7 @@ def test_write_jsonl_stamps_every_row_with_the_runs_provenance(tmp_path):
 
 
 def test_adapter_dir_defaults_to_where_calibrate_writes(tmp_path):
-    from sgl_scd.codec.manifest import adapter_dir
+    from sgl_scd.hf.scd import adapter_dir
     from sgl_scd.settings import ADAPTERS_DIR
 
     assert adapter_dir("demo-ft") == ADAPTERS_DIR / "demo-ft"

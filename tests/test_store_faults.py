@@ -143,3 +143,38 @@ def test_writes_into_a_full_redis_do_not_raise(redis_servers):
     assert store.publish(hashes[1:], payloads[1:], first_page=1) < 39  # still no exception
     assert store.breaker.allow()
     assert store.fetch_prefix(hashes) == payloads[: 1 + written]
+
+
+def test_foreign_values_in_the_embedded_file_are_counted_misses(tmp_path):
+    """Another writer left a TEXT page value and a non-integer counter in the SQLite file: the
+    page is a corrupt miss (never returned) and stats() still reports the other counters."""
+    import sqlite3
+
+    store = make_store(f"embedded://{tmp_path}/x.sqlite3", stats_flush_s=0)
+    ids = token_ids(16 * 3)
+    hashes = store.page_hashes(ids)
+    assert store.publish(hashes, payloads_for(3, 64)) == 3
+    store.flush_stats()
+    db = sqlite3.connect(tmp_path / "x.sqlite3")
+    db.execute("UPDATE kv SET value = 'not bytes' WHERE key = ?", (store.keys.page_key(hashes[1]),))
+    db.execute("UPDATE counters SET value = 'x' WHERE field = 'publishes'")
+    db.commit()
+    db.close()
+    assert len(store.fetch_prefix(hashes)) == 1  # page 0 intact, page 1 refused
+    assert misses(store, "corrupt_truncated") == 1
+    counters = store.stats()["adapters"]["base"]["counters"]
+    assert "publishes" not in counters and counters["pages_written"] == 3
+    store.close()
+
+
+def test_a_non_integer_counter_in_redis_does_not_break_stats(redis_servers):
+    server = redis_servers()
+    store = make_store(server.url, stats_flush_s=0)
+    store.publish(store.page_hashes(token_ids(32)), payloads_for(2, 64))
+    store.flush_stats()
+    client = server.client()
+    key = next(k for k in client.scan_iter(match="*stats*") if client.type(k) == b"hash")
+    client.hset(key, "publishes", "garbage")
+    counters = store.stats()["adapters"]["base"]["counters"]
+    assert "publishes" not in counters and counters["pages_written"] == 2
+    store.close()

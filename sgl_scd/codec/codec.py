@@ -7,8 +7,7 @@ ship one h slot and the consumer recomputes that layer's K/V with its own projec
 Encoder (per slot, depends on the producer only, so one published code serves every adapter
 calibrated against it): x [T, d] -> z = (x - mean) @ basis / std   [T, r], whitened PCA code,
 then quantized with static Gaussian steps (quant.py). Components that get 0 bits are dropped,
-so the rank of each slot falls out of the bit allocation. An h slot's PCA can instead be taken in
-the metric of the producer's K/V projections (importance.py, calibrate --patch-metric kv).
+so the rank of each slot falls out of the bit allocation.
 
 Decoder (per consumer): z -> x_hat [T, d] by a Translator (affine map + optional residual MLP),
 then keys are re-rotated with the consumer's RoPE base; h slots go through the consumer's own
@@ -181,20 +180,15 @@ class ProducerEncoder:
         return cls(slots, theta)
 
 
-def fit_slot_encoder(x: torch.Tensor, budget_bits: int, metric: torch.Tensor | None = None) -> SlotEncoder:
-    """PCA of producer observations x [N, d], with budget_bits per token spread by water-filling.
-
-    metric A [d, m]: the principal axes of (x - mean) @ A instead, so the error that counts is
-    measured after A (importance.kv_metric: a patch layer's K/V projections). The basis A @ U
-    [d, r] is then not orthonormal; whiten() only projects with it."""
+def fit_slot_encoder(x: torch.Tensor, budget_bits: int) -> SlotEncoder:
+    """PCA of producer observations x [N, d], with budget_bits per token spread by water-filling."""
     from sgl_scd.codec.factor import pca
 
-    p = pca(x.float() if metric is None else x.float() @ metric)
-    basis = p.basis if metric is None else metric @ p.basis
+    p = pca(x.float())
     widths = quant.allocate_bits(p.var, budget_bits)
     keep = widths > 0
-    mean = x.double().mean(0).float()  # what pca() centres on when there is no metric
-    return SlotEncoder(mean, basis[:, keep].contiguous(), p.var[keep].clamp_min(1e-12).sqrt(),
+    mean = x.double().mean(0).float()  # what pca() centres on
+    return SlotEncoder(mean, p.basis[:, keep].contiguous(), p.var[keep].clamp_min(1e-12).sqrt(),
                        widths[keep].to(torch.int32))
 
 
@@ -306,53 +300,34 @@ class ConsumerDecoder(nn.Module):
         return torch.stack(ks), torch.stack(vs)
 
 
-CONTEXTS = ("own", "kv", "kv+h", "kv+hh", "kv+hall")
+CONTEXTS = ("own", "kv", "kv+h")
 
 
 def _nearest(layers: list[int], to: int) -> int:
     return min(layers, key=lambda p: (abs(p - to), p))  # a tie goes to the lower layer
 
 
-def parse_context(context: str) -> tuple[str, tuple[int, ...] | None]:
-    """("kv+hall", (23, 24)) from "kv+hall@23,24"; a plain context has no layer list (None)."""
-    base, at, layers = context.partition("@")
-    if base not in CONTEXTS or (at and base != "kv+hall"):
-        raise ValueError(f"decoder context must be one of {CONTEXTS} or kv+hall@<patch layers>, got {context!r}")
-    if not at:
-        return base, None
-    try:
-        return base, tuple(sorted({int(x) for x in layers.split(",")}))
-    except ValueError:
-        raise ValueError(f"decoder context {context!r}: the layers after @ must be integers like 23,24") from None
+def parse_context(context: str) -> str:
+    """context if it is one of CONTEXTS; ValueError naming it otherwise."""
+    if context not in CONTEXTS:
+        raise ValueError(f"decoder context must be one of {CONTEXTS}, got {context!r}")
+    return context
 
 
 def context_inputs(slots, context: str) -> dict[Slot, tuple[Slot, ...]]:
     """Which codes each slot's translator reads: "own" its slot's alone; "kv" a reuse slot reads
     its layer's K and V codes (both come from the same hidden state); "kv+h" those plus the code
     of the nearest patch layer's normalized input (a full view of the producer's hidden state
-    nearby); "kv+hh" also gives each patch slot the code of the nearest other patch layer, "kv+hall"
-    every patch layer's (the producer's state across depth predicts a consumer's layer input
-    better than one layer's does); "kv+hall@23,24" does that for patch layers 23 and 24 only
-    (the others as in kv+h), so the rebuild pays for the wide view only where it buys most.
-    Otherwise patch slots read their own code."""
-    base, wide_at = parse_context(context)
+    nearby). Patch slots read their own code. (Wider views were measured and dropped:
+    docs/codec.md.)"""
+    parse_context(context)
     slots = sorted(slots)
     patch = [s.layer for s in slots if s.kind == "h"]
-    if wide_at is not None and not set(wide_at) <= set(patch):
-        raise ValueError(f"decoder context {context!r} names layers {sorted(set(wide_at) - set(patch))} "
-                         f"that are not patch layers {patch}")
-    wide = set(patch if wide_at is None else wide_at) if base == "kv+hall" else set()
     out = {}
     for s in slots:
-        if s.kind == "h":
-            others = [p for p in patch if p != s.layer]
-            if s.layer in wide:
-                out[s] = (s, *(Slot(p, "h") for p in others))
-            else:
-                out[s] = (s, Slot(_nearest(others, s.layer), "h")) if base == "kv+hh" and others else (s,)
-        elif base == "own":
+        if s.kind == "h" or context == "own":
             out[s] = (s,)
         else:
             ins = (Slot(s.layer, "k"), Slot(s.layer, "v"))
-            out[s] = ins + (Slot(_nearest(patch, s.layer), "h"),) if base != "kv" and patch else ins
+            out[s] = ins + (Slot(_nearest(patch, s.layer), "h"),) if context == "kv+h" and patch else ins
     return out

@@ -33,6 +33,19 @@ class Timeouts:
 DEFAULT_TIMEOUTS = Timeouts()
 
 
+def counter_value(value) -> int | None:
+    """A counter read back from a backend as an int, or None when it is not an integer (a value
+    some other writer left there): stats() skips it instead of failing."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value.decode() if isinstance(value, (bytes, bytearray)) else value)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+
+
 @dataclass(frozen=True)
 class CounterUpdate:
     """Add ``deltas`` to the integer fields of counter hash ``key`` (created on first use).

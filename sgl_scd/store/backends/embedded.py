@@ -24,7 +24,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sgl_scd import settings
-from sgl_scd.store.backends.base import DEFAULT_TIMEOUTS, CounterUpdate, StoreBackend, Timeouts
+from sgl_scd.store.backends.base import (
+    DEFAULT_TIMEOUTS,
+    CounterUpdate,
+    StoreBackend,
+    Timeouts,
+    counter_value,
+)
 from sgl_scd.store.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -129,7 +135,9 @@ class EmbeddedBackend(StoreBackend):
             "AND (expires_at IS NULL OR expires_at > ?)",
             (*keys, now),
         )
-        found = {k: bytes(v) for k, v in rows}
+        # a value another writer stored as TEXT or INTEGER comes back as b"": the record check
+        # refuses it (corrupt_truncated), a counted miss like any other bad value
+        found = {k: bytes(v) if isinstance(v, (bytes, memoryview)) else b"" for k, v in rows}
         if found:
             self._touch(list(found), now)
         return [found.get(k) for k in keys]
@@ -187,7 +195,12 @@ class EmbeddedBackend(StoreBackend):
         )
         out: dict[str, dict[str, int]] = {}
         for hkey, field, value in rows:
-            out.setdefault(hkey, {})[field] = int(value)
+            n = counter_value(value)
+            if n is None:
+                logger.warning("embedded store %s: counter %s/%s holds %r, not an integer; skipped",
+                               self.path, hkey, field, value)
+                continue
+            out.setdefault(hkey, {})[field] = n
         return out
 
     def info(self) -> dict[str, int | str]:

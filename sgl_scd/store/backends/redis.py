@@ -20,7 +20,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from sgl_scd.store.backends.base import DEFAULT_TIMEOUTS, CounterUpdate, StoreBackend, Timeouts
+from sgl_scd.store.backends.base import (
+    DEFAULT_TIMEOUTS,
+    CounterUpdate,
+    StoreBackend,
+    Timeouts,
+    counter_value,
+)
 from sgl_scd.store.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -142,7 +148,13 @@ class RedisBackend(StoreBackend):
             chunk = keys[i : i + 256]
             hashes = self._run("hgetall", lambda p, c=chunk: [p.hgetall(k) for k in c])
             for key, fields in zip(chunk, hashes, strict=True):
-                out[key] = {f.decode(): int(v) for f, v in fields.items()}
+                row = out[key] = {}
+                for f, v in fields.items():
+                    n = counter_value(v)
+                    if n is None:  # another writer's value: skipped, the rest still reported
+                        logger.warning("redis %s: counter %s/%r holds %r, not an integer; skipped", self.url, key, f, v)
+                        continue
+                    row[f.decode(errors="replace") if isinstance(f, bytes) else str(f)] = n
         return out
 
     def info(self) -> dict[str, int | str]:
