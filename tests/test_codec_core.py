@@ -153,3 +153,16 @@ def test_codec_imports_no_engine_and_quickly():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1:] == ["False", "False"]
     assert float(out[0]) < 1.0, f"codec import took {out[0]} s beyond torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the bf16 device rebuild")
+def test_gpu_bf16_rebuild_matches_the_cpu_fp32_one():
+    """bf16 carries 8 mantissa bits: every element within 2% of the layer's largest value."""
+    enc, dec, proj = _setup()
+    codes = enc.encode(_states(8 * PS))
+    k_cpu, v_cpu = FoldedDecoder(dec, enc, proj).rebuild(codes)
+    fold = FoldedDecoder(dec, enc, proj).to("cuda", torch.bfloat16)
+    for layer in range(L):
+        k, v = fold.rebuild_layer(layer, {s: q.cuda() for s, q in codes.items()})
+        for got, want in ((k, k_cpu[layer]), (v, v_cpu[layer])):
+            assert (got.float().cpu() - want).abs().max() <= 0.02 * want.abs().max()

@@ -2,6 +2,7 @@
 falls back to prefill with identical output to the oracle."""
 
 import pytest
+from store_fixtures import _fixture_redis_servers  # noqa: F401 - fixture
 
 from sgl_scd.demo import data
 from sgl_scd.hf import runtime
@@ -135,4 +136,18 @@ def test_two_consumers_reuse_one_published_code_set(tmp_path, base, ci_ft, ci_lo
     got = eng.serve_consumer("ci-lora", ids)
     assert got.reused_tokens == 0 and got.miss_cause == "disabled"
     assert got.text == runtime.continue_from_kv(ci_lora.model, ci_lora.tokenizer, ids).text
+    store.close()
+
+
+@pytest.mark.redis
+def test_reuse_through_a_real_redis(redis_servers, base, ci_ft, small_adapter):
+    """The same path through a test-owned redis-server: published once, reused, counted there."""
+    server = redis_servers()
+    store = open_store(server.url, store_identity(small_adapter.encoder), stats_flush_s=0)
+    eng = ReuseEngine(base, small_adapter.encoder, store, {"ci-ft": (ci_ft, small_adapter)})
+    ids = _ids(base, 8)
+    assert eng.serve_producer(ids).published_pages == len(ids) // eng.page_size
+    got = eng.serve_consumer("ci-ft", ids)
+    assert got.reused_tokens == ((len(ids) - 1) // eng.page_size) * eng.page_size and got.miss_cause is None
+    assert store.stats()["adapters"]["ci-ft"]["counters"]["hit_tokens"] == got.reused_tokens
     store.close()

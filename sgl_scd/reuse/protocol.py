@@ -55,7 +55,10 @@ class Publisher:
         """Page blobs of the full pages of states (which must start on a page boundary)."""
         if states.start % self.page_size:
             raise ValueError(f"states start at position {states.start}, not on a {self.page_size}-token page boundary")
-        codes = self.encoder.codec.encode(states)
+        full = states.num_tokens // self.page_size * self.page_size
+        if full == 0:
+            return []
+        codes = self.encoder.codec.encode(states.slice(0, full) if full < states.num_tokens else states)
         return wire.encode_pages(self.encoder.codec, codes, self.encoder.digest, self.page_size,
                                  first_page=states.start // self.page_size)
 
