@@ -27,9 +27,9 @@ models: install           ## demo data, base and three consumers into the user c
 	$(BIN)/python -m sgl_scd.demo build
 
 # One published code set (adapters/base-encoder) and one decoder set per consumer calibrated
-# against it. The demo recipe: 256 ToMi + 16 long Hi-ToM prompts, 2 epochs (~15 min per consumer).
+# against it. The demo recipe: 160 ToMi + 16 long Hi-ToM prompts, 2 epochs (~10 min per consumer).
 CAL     := $(BIN)/python -m sgl_scd.calibrate
-RECIPE  ?= --n-calib 256 --n-calib-long 16 --n-fit 272 --epochs 2 --delta-rank 16 --answer-tokens 4
+RECIPE  ?= --n-calib 160 --n-calib-long 16 --n-fit 176 --epochs 2 --delta-rank 16 --answer-tokens 4
 CONSUMERS := demo-ft demo-lora demo-hitom
 ENCODER := adapters/base-encoder/encoder.json
 

@@ -7,6 +7,7 @@ both consumers' decoders is calibrated per session (~3 min on 2 cores)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from sgl_scd.demo import finetune
 from sgl_scd.demo.base import variant_dir
 from sgl_scd.hf import models
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # the machine has 2 cores
 
 # A small calibration: 24 prompts (the closed-form fit on 16, the other 8 captured as codes
 # only), 8 held-out, 2 distillation epochs, the oracle's first 3 answer tokens supervised.

@@ -135,6 +135,7 @@ def test_two_consumers_reuse_one_published_code_set(tmp_path, base, ci_ft, ci_lo
     eng.consumers["ci-lora"].reuse.enabled = False  # the kill switch
     got = eng.serve_consumer("ci-lora", ids)
     assert got.reused_tokens == 0 and got.miss_cause == "disabled"
+    assert store.stats()["adapters"]["ci-lora"]["misses_by_cause"]["decode:disabled"] == 1
     assert got.text == runtime.continue_from_kv(ci_lora.model, ci_lora.tokenizer, ids).text
     store.close()
 

@@ -104,10 +104,11 @@ class Consumer:
     def fetch(self, ids: list[int], first_page: int = 0, hashes: list[str] | None = None) -> Fetched:
         """The longest valid leading run of pages after first_page, decoded to integer codes.
         Never raises for a store reason; every page not reused is counted by cause."""
-        if not self.enabled:
+        allowed, _ = usable_pages(len(ids), self.page_size, None, first_page)
+        if not self.enabled:  # the kill switch: counted like any other miss
+            self.store.record_rejected(adapter=self.label, pages=allowed, cause="disabled")
             return Fetched(first_page, 0, 0, None, cause="disabled")
         usable, cause = self.usable(len(ids), first_page)
-        allowed, _ = usable_pages(len(ids), self.page_size, None, first_page)
         if cause:
             self.store.record_rejected(adapter=self.label, pages=allowed - usable, cause=cause)
         if usable == 0:
