@@ -1,0 +1,109 @@
+"""The reuse protocol without a model: a random encoder and decoder saved as real artifacts, a
+real embedded store; what is promised, fetched, refused and counted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from test_codec_core import PS, _setup, _states
+
+from sgl_scd.codec import manifest as mf
+from sgl_scd.reuse import Consumer, Publisher, store_identity, usable_pages
+from sgl_scd.store import StoreMetrics, open_store
+
+IDENT = mf.ModelIdentity("tiny", "r" * 64, 1e4, 4, 2, 8, 32)
+
+
+@pytest.fixture()
+def adapter(tmp_path):
+    enc, dec, _ = _setup()
+    payload = 100.0
+    em = mf.EncoderManifest(name="enc", producer=IDENT, tokenizer_digest="t" * 64, revision=mf.encoder_revision(enc),
+                            page_size=PS, h_layers=enc.patch_layers, bits_per_token=enc.bits_per_token(),
+                            payload_bytes_per_token=payload, raw_kv_bytes_per_token=128, payload_ratio=payload / 128)
+    mf.save_encoder(tmp_path / "enc", em, enc)
+    am = mf.AdapterManifest(name="tiny-lora", consumer=dataclasses.replace(IDENT, rope_theta=1e6), encoder="enc",
+                            encoder_revision=em.revision, decoder_context="kv+h", decoder_hidden={"h": 16},
+                            max_tokens=6 * PS)
+    mf.save_adapter(tmp_path / "tiny-lora", am, dec)
+    return mf.load_adapter(tmp_path / "tiny-lora")
+
+
+@pytest.fixture()
+def store(tmp_path, adapter):
+    s = open_store(f"embedded://{tmp_path}/s.sqlite3", store_identity(adapter.encoder), stats_flush_s=0,
+                   metrics=StoreMetrics(CollectorRegistry()))
+    yield s
+    s.close()
+
+
+def _publish(adapter, store, t: int) -> list[int]:
+    ids = list(range(100, 100 + t))
+    assert Publisher(adapter.encoder, store).publish(ids, _states(t)) == t // PS
+    return ids
+
+
+def _misses(store, label="tiny-lora"):
+    return store.stats()["adapters"][label]["misses_by_cause"]
+
+
+def test_a_full_hit_decodes_exactly_what_was_encoded(adapter, store):
+    ids = _publish(adapter, store, 5 * PS + 2)
+    got = Consumer(adapter, store).fetch(ids)
+    assert (got.pages, got.usable, got.cause) == (5, 5, None)
+    want = adapter.encoder.codec.encode(_states(5 * PS + 2))
+    assert all(torch.equal(got.codes[s], want[s][: 5 * PS]) for s in want)
+
+
+def test_the_last_token_and_the_calibration_bound_limit_the_promise(adapter, store):
+    assert usable_pages(4 * PS, PS) == (3, None)  # the last token's page is never reused
+    assert usable_pages(4 * PS + 1, PS) == (4, None)
+    assert usable_pages(20 * PS, PS, max_tokens=6 * PS) == (6, "beyond_calibration")
+    ids = _publish(adapter, store, 9 * PS)
+    got = Consumer(adapter, store).fetch(ids)
+    assert (got.pages, got.cause) == (6, "beyond_calibration")  # the adapter saw <= 6 pages
+    assert _misses(store)["decode:beyond_calibration"] == 1
+
+
+def test_a_corrupt_page_keeps_the_pages_before_it(adapter, store):
+    ids = _publish(adapter, store, 5 * PS + 1)
+    hashes = store.page_hashes(ids)
+    blobs = Publisher(adapter.encoder, store).encode(_states(5 * PS + 1))
+    blobs[3] = blobs[3][:-1] + bytes([blobs[3][-1] ^ 1])  # wire CRC fails, the store record is intact
+    store.publish(hashes[3:4], blobs[3:4], first_page=3)
+    got = Consumer(adapter, store).fetch(ids)
+    assert (got.pages, got.cause) == (3, "wire")
+    assert store.stats()["adapters"]["tiny-lora"]["counters"]["rejected_pages"] == 2  # pages 3 and 4
+
+
+def test_pages_after_a_prefix_the_engine_already_holds(adapter, store):
+    ids = _publish(adapter, store, 5 * PS + 1)
+    got = Consumer(adapter, store).fetch(ids, first_page=2)
+    assert (got.first_page, got.pages) == (2, 3)
+    want = adapter.encoder.codec.encode(_states(5 * PS + 1))
+    assert all(torch.equal(got.codes[s], want[s][2 * PS : 5 * PS]) for s in want)
+
+
+def test_kill_switch_and_store_down_are_counted_misses(adapter, store, tmp_path):
+    ids = _publish(adapter, store, 3 * PS + 1)
+    off = Consumer(adapter, store, enabled=False).fetch(ids)
+    assert (off.pages, off.cause) == (0, "disabled") and _misses(store)["decode:disabled"] == 1
+    down = open_store("redis://127.0.0.1:1/0", store_identity(adapter.encoder), metrics=StoreMetrics(CollectorRegistry()))
+    got = Consumer(adapter, down).fetch(ids)
+    assert (got.pages, got.cause, got.codes) == (0, "store_miss", None)
+    down.close()
+
+
+def test_bad_labels_and_foreign_stores_are_refused_at_construction(adapter, store, tmp_path):
+    with pytest.raises(ValueError, match="adapter='bad label'"):
+        Consumer(adapter, store, label="bad label")
+    other = open_store(f"embedded://{tmp_path}/o.sqlite3",
+                       dataclasses.replace(store_identity(adapter.encoder), codec_revision="f" * 64))
+    with pytest.raises(ValueError, match="identity"):
+        Consumer(adapter, other)
+    with pytest.raises(ValueError, match="page boundary"):
+        Publisher(adapter.encoder, store).encode(_states(2 * PS).slice(1, 2 * PS))
+    other.close()
