@@ -269,12 +269,4 @@ def project_kv(model, layer: int, h_in: torch.Tensor, start: int = 0, *, grad: b
     (for distillation through the frozen consumer).
     """
     with torch.set_grad_enabled(grad):
-        return _project_kv(model, layer, h_in, start)
-
-
-def _project_kv(model, layer, h_in, start):
-    attn = attention(model, layer)
-    hd = attn.head_dim
-    k = attn.k_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)  # [T, H_kv, D]
-    v = attn.v_proj(h_in.to(model.dtype)).view(h_in.shape[0], -1, hd)
-    return rope.rotate(k, rope.rope_theta(model.config), start), v
+        return projections(model, [layer]).project(layer, h_in, start)
