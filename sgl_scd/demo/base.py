@@ -14,7 +14,8 @@ from sgl_scd.settings import models_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "smollm2-135m-instruct"
-DEMO_VARIANTS = ("demo-ft", "demo-lora", "demo-hitom")
+DEMO_VARIANTS = ("demo-ft", "demo-lora", "demo-hitom")  # the benchmark consumers
+QUICK_VARIANTS = ("quick-ft", "quick-lora", "quick-hitom")  # `make demo`'s, fewer steps
 BUILD_HINT = "build it with `make models` (or `python -m sgl_scd.demo build`)"
 
 

@@ -158,6 +158,30 @@ def continue_from_kv(
     K/V is below min_margin, they are dropped and the prompt is prefilled (fell_back=True;
     forward_s then counts both forwards).
     """
+    pre = prefill_on_kv(model, ids, k, v, min_margin=min_margin)
+    tokens, later_logits = _greedy(model, tokenizer, pre.cache, pre.first_logits, len(ids), max_new_tokens)
+    return Continuation(first_logits=pre.first_logits, tokens=tokens, forward_s=pre.forward_s,
+                        fell_back=pre.fell_back, text=tokenizer.decode(tokens, skip_special_tokens=True),
+                        later_logits=later_logits)
+
+
+@dataclass
+class Prefilled:
+    """A prompt in a cache, ready to decode: the first answer token's logits."""
+
+    cache: DynamicCache
+    first_logits: torch.Tensor  # [V]
+    num_tokens: int  # prompt tokens the cache holds
+    forward_s: float  # the suffix forward (+ the fallback prefill)
+    fell_back: bool = False  # the given K/V were dropped for a prefill (min_margin)
+
+
+@torch.inference_mode()
+def prefill_on_kv(model, ids: list[int], k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+                  min_margin: float = 0.0) -> Prefilled:
+    """The prompt's cache with its first T tokens from k/v [L, T, H_kv, D] (T < len(ids)) and the
+    rest run by the model; k=None is a plain prefill. With min_margin > 0 a near-tie first token on
+    the given K/V drops them for a prefill (fell_back)."""
     covered = 0 if k is None else k.shape[1]
     if covered >= len(ids):
         raise ValueError(
@@ -170,9 +194,21 @@ def continue_from_kv(
     if fell_back:
         cache, first_logits, prefill_s = _extend(model, ids, None, None)
         forward_s += prefill_s
-    tokens, later_logits = _greedy(model, tokenizer, cache, first_logits, len(ids), max_new_tokens)
-    return Continuation(first_logits=first_logits, tokens=tokens, forward_s=forward_s, fell_back=fell_back,
-                        text=tokenizer.decode(tokens, skip_special_tokens=True), later_logits=later_logits)
+    return Prefilled(cache, first_logits, len(ids), forward_s, fell_back)
+
+
+@torch.inference_mode()
+def decode_steps(model, pre: Prefilled, choose=lambda logits: int(logits.argmax())):
+    """Answer tokens one at a time, chosen by `choose(logits)` (greedy by default), without end:
+    the caller stops (stop tokens, length). Each token costs one forward, run when the next is asked."""
+    logits, pos = pre.first_logits, pre.num_tokens
+    while True:
+        nxt = choose(logits)
+        yield nxt
+        out = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]),
+                    past_key_values=pre.cache, use_cache=True)
+        logits = out.logits[0, -1].float()
+        pos += 1
 
 
 def _extend(model, ids, k, v) -> tuple[DynamicCache, torch.Tensor, float]:
@@ -189,7 +225,7 @@ def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tok
             ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy answer tokens from the first answer token's logits until a stop token, and the
     logits after each of them (what the next answer token was chosen from)."""
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     tokens: list[int] = []
     later: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
@@ -241,7 +277,7 @@ def logits_with_kv(model, ids: list[list[int]], k: list[torch.Tensor], v: list[t
     return [model.lm_head(hidden[b, p]).float() for b, p in enumerate(positions)]
 
 
-def _stop_ids(tokenizer) -> set[int]:
+def stop_ids(tokenizer) -> set[int]:
     stop = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|endoftext|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)

@@ -62,9 +62,11 @@ class Publisher:
         return wire.encode_pages(self.encoder.codec, codes, self.encoder.digest, self.page_size,
                                  first_page=states.start // self.page_size)
 
-    def publish(self, ids: list[int], states: ProducerStates, hashes: list[str] | None = None) -> int:
-        """Publish the full pages covered by states (tokens states.start.. of ids); pages stored."""
-        blobs = self.encode(states)
+    def publish(self, ids: list[int], states: ProducerStates, hashes: list[str] | None = None,
+                blobs: list[bytes] | None = None) -> int:
+        """Publish the full pages covered by states (tokens states.start.. of ids), encoded here
+        unless `blobs` (self.encode(states)) are given; pages stored."""
+        blobs = self.encode(states) if blobs is None else blobs
         if not blobs:
             return 0
         first = states.start // self.page_size
