@@ -250,3 +250,20 @@ def test_reuse_through_a_test_owned_redis(redis_servers, base, ci_ft, ci_lora, s
         assert s.engine.store.url.startswith("redis://")
     finally:
         s.close()
+
+
+def test_launch_refuses_an_unknown_adapter_at_start_naming_it(small_encoder, tmp_path):
+    from sgl_scd import launch
+
+    with pytest.raises(SystemExit, match="no-such-adapter"):
+        launch.main(["--encoder", str(small_encoder.path), "--consumer", str(tmp_path / "no-such-adapter"),
+                     "--store-url", f"embedded://{tmp_path}/s.sqlite3"])
+
+
+@pytest.mark.parametrize("flag", ["--max-running-requests", "--publish-queue", "--max-prompt-tokens"])
+def test_launch_refuses_bad_sizes(flag, capsys):
+    from sgl_scd import launch
+
+    with pytest.raises(SystemExit):
+        launch.main([flag, "0"])
+    assert flag in capsys.readouterr().err

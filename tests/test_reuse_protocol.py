@@ -107,3 +107,30 @@ def test_bad_labels_and_foreign_stores_are_refused_at_construction(adapter, stor
     with pytest.raises(ValueError, match="page boundary"):
         Publisher(adapter.encoder, store).encode(_states(2 * PS).slice(1, 2 * PS))
     other.close()
+
+
+def test_the_background_publisher_publishes_and_drops_when_full(adapter, store):
+    import threading
+    import time
+
+    from sgl_scd.serving.publish_worker import PublishWorker
+
+    done, gate = [], threading.Event()
+    pub = Publisher(adapter.encoder, store)
+    slow = Publisher(adapter.encoder, store)
+    slow.encode = lambda states: (gate.wait(10), pub.encode(states))[1]  # holds the worker until released
+    worker = PublishWorker(slow, max_queued=1, on_done=lambda *a: done.append(a))
+    t = 3 * PS + 1
+    ids = [list(range(i, i + t)) for i in (100, 200, 300)]
+    assert worker.submit(ids[0], _states(t))  # taken by the worker, which then waits at the gate
+    deadline = time.monotonic() + 5
+    while worker.queued and time.monotonic() < deadline:  # until the worker took the first job
+        time.sleep(0.01)
+    assert worker.submit(ids[1], _states(t))  # waits in the queue
+    assert not worker.submit(ids[2], _states(t))  # the queue is full: dropped, counted
+    gate.set()
+    assert worker.drain(10)
+    assert sorted(d[2] or "ok" for d in done) == ["ok", "ok", "queue_full"] and worker.dropped == 1
+    assert [d[0] for d in done if d[2] is None] == [3, 3]
+    assert Consumer(adapter, store).fetch(ids[1] + [7]).pages == 3
+    worker.close()
