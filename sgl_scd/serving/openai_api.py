@@ -116,14 +116,14 @@ def create_app(engine: ReuseEngine, scheduler: Scheduler, *, served_model_name: 
         t0 = time.perf_counter()
         sent, first = "", True
         hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may still be forming
+        outcome = "cancelled"  # unless it ends otherwise: the client went away
         try:
             while True:
                 kind, value = await q.get()
                 if kind == "error":
-                    metrics.requests.labels(served_as, "error").inc()
+                    outcome = "error"
                     raise ApiError(500, f"internal error: {type(value).__name__}: {value}", "internal_error")
                 if kind == "cancelled":
-                    metrics.requests.labels(served_as, "cancelled").inc()
                     return
                 if first:
                     first = False
@@ -141,12 +141,13 @@ def create_app(engine: ReuseEngine, scheduler: Scheduler, *, served_model_name: 
                     yield text[len(sent):final]
                     sent = text[:final]
                 if kind == "done" or cut >= 0:
+                    outcome = "ok"
                     break
         finally:
-            ticket.cancel()  # a finished request ignores it
-        metrics.generation_tokens.labels(served_as).inc(len(gen.tokens))
+            ticket.cancel()  # stops the decode of a request whose client left; a finished one ignores it
+            metrics.requests.labels(served_as, outcome).inc()
+            metrics.generation_tokens.labels(served_as).inc(len(gen.tokens))
         metrics.e2e.labels(served_as).observe(time.perf_counter() - t0)
-        metrics.requests.labels(served_as, "ok").inc()
         yield None, gen.finish_reason or "stop"
 
     def usage(gen: Generation) -> dict:
