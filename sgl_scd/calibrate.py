@@ -377,6 +377,7 @@ def calibrate(args) -> Path:
                      "answer_tokens": args.answer_tokens, "answer_share": args.answer_share, "seed": args.seed,
                      "budget_kl": args.budget_kl, "distill": result})
     mf.save_adapter(out, man, dec)
+    mf.save_projections(out, runtime.projections(consumer.model, published.manifest.h_layers))  # for SGLang
     adapter = check_models(mf.load_adapter(out), producer, consumer)
     if eval_items:
         q = heldout_quality(producer, consumer, adapter, eval_items)

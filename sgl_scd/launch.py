@@ -13,13 +13,17 @@ prefills only the rest; usage.prompt_tokens_details.cached_tokens says how many 
 
 Settings: flags > environment (SCD_ENCODER, SCD_STORE_URL, SCD_HOST, SCD_PORT, SCD_CACHE_DIR)
 > defaults. The default store is embedded (SQLite under the user cache; no server needed).
-This reference server runs the models with transformers on CPU.
+This reference server runs the models with transformers on CPU; on a CUDA machine with sglang
+installed, launch execs SGLang's own server with the SCD cache linker instead (--engine,
+--dry-run prints that command).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,6 +72,12 @@ def main(argv=None) -> None:
                    help="prefill instead of reusing when the rebuilt cache's first answer token is a near-tie: "
                         "top-1 minus top-2 probability below this (0 = always reuse; default: each adapter's "
                         "manifest min_margin, chosen on dev)")
+    g.add_argument("--engine", choices=("auto", "sglang", "hf"), default="auto",
+                   help="sglang: SGLang's own OpenAI server with the SCD cache linker (needs a GPU and a normal "
+                        "sglang install); hf: this reference server on transformers; auto (default): sglang "
+                        "where CUDA is available, else hf. Flags after `--` go to sglang.launch_server")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the exact sglang.launch_server command for the base and its LoRA adapters, and exit")
     g = p.add_argument_group("store")
     g.add_argument("--store-url", default=None,
                    help="embedded:// (default), embedded:///path, redis://host:port/db, rediss://, "
@@ -89,7 +99,18 @@ def main(argv=None) -> None:
                    help="longer prompts get a 413 (default %(default)s)")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--log-level", default="warning", help="default %(default)s")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.dry_run or args.engine == "sglang" or (args.engine == "auto" and torch.cuda.is_available()):
+        try:
+            cmd = sglang_command_for(args, passthrough)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print(shlex.join(cmd))
+        if args.dry_run:
+            return
+        os.execvp(cmd[0], cmd)  # SGLang's server replaces this process
     try:
         if args.min_margin is not None:
             check_min_margin(args.min_margin)
@@ -107,6 +128,28 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     serve(engine, args)
+
+
+def sglang_command_for(args, passthrough: list[str]) -> list[str]:
+    """SGLang's launch command: the producer as the served model, every calibrated LoRA adapter (a full
+    fine-tune is served by a server of its own, pointed at the same store) with --lora-paths."""
+    from sgl_scd.sglang_ext.command import calibrated_adapters, sglang_command
+
+    encoder = load_encoder(Path(args.encoder).resolve())  # the scheduler process may run elsewhere
+    scd = calibrated_adapters(encoder.path)
+    if args.consumer:
+        scd = {name: path for name, path in scd.items() if name in args.consumer or path in args.consumer}
+    loras = {}
+    for name, path in scd.items():
+        consumer = models.resolve(load_adapter(Path(path), encoder).manifest.consumer.spec)
+        if models.is_adapter(consumer):
+            loras[name] = str(consumer)
+        else:
+            print(f"note: {name} is a full fine-tune ({consumer}): serve it with its own sglang server and the "
+                  f"same --store-url", file=sys.stderr)
+    return sglang_command(str(models.resolve(args.producer)), encoder.path, loras, adapters=scd,
+                          store_url=args.store_url, host=args.host, port=args.port, python=sys.executable,
+                          extra_args=passthrough)
 
 
 def serve(engine: ReuseEngine, args) -> None:

@@ -11,7 +11,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "sgl_scd"
 LAYERS = {  # top-level name under sgl_scd -> layer (docs/layering.md)
     "settings": 0, "runinfo": 1, "codec": 1, "store": 1, "reuse": 2, "demo": 3, "hf": 4,
-    "calibration": 5, "evaluation": 5, "calibrate": 6, "serving": 6, "launch": 7,
+    "calibration": 5, "evaluation": 5, "calibrate": 6, "serving": 6, "sglang_ext": 6, "launch": 7,
 }
 # third-party libraries a layer may not use (the codec and the store must stay engine-free)
 FORBIDDEN = {"codec": {"transformers", "peft", "sglang", "redis"}, "store": {"transformers", "peft", "torch"},

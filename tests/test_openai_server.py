@@ -270,3 +270,26 @@ def test_launch_refuses_bad_sizes(flag, capsys):
     with pytest.raises(SystemExit):
         launch.main([flag, "0"])
     assert flag in capsys.readouterr().err
+
+
+def test_launch_dry_run_prints_an_sglang_command_sglang_parses(small_encoder, lora_adapter, small_adapter, capsys):
+    import shlex
+
+    from sglang.srt.server_args import prepare_server_args
+
+    from sgl_scd import launch
+    from sgl_scd.sglang_ext.config import LinkerSettings
+
+    launch.main(["--dry-run", "--encoder", str(small_encoder.path), "--port", "30123", "--",
+                 "--mem-fraction-static", "0.6"])
+    out = capsys.readouterr()
+    cmd = shlex.split(out.out.strip().splitlines()[-1])
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    args = prepare_server_args(cmd[3:])
+    assert args.page_size == small_encoder.page_size and args.port == 30123 and args.mem_fraction_static == 0.6
+    assert args.enable_lora and [p.split("=")[0] for p in args.lora_paths] == ["ci-lora"]  # the LoRA consumer
+    assert "ci-ft is a full fine-tune" in out.err  # served by a server of its own
+    config = args.unified_cache_external_linker_config
+    settings = LinkerSettings.from_dict((json.loads(config) if isinstance(config, str) else config)
+                                        ["linker_extra_config"])
+    assert set(settings.adapters) == {"ci-lora"} and settings.encoder == str(small_encoder.path.resolve())

@@ -24,12 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from sgl_scd.codec.codec import ConsumerDecoder, ProducerEncoder, context_inputs, parse_context
 from sgl_scd.codec.fold import FoldedDecoder
-from sgl_scd.codec.states import ConsumerProjections
+from sgl_scd.codec.states import ConsumerProjections, KVProjection
 
 CODEC_VERSION = 2
 ENCODER_FORMAT = "sgl_scd.encoder/1"
 ADAPTER_FORMAT = "sgl_scd.adapter/2"
 ENCODER_FILE, ADAPTER_FILE = "encoder.json", "manifest.json"
+PROJECTIONS_FILE = "projections.safetensors"  # the consumer's K/V projections at the patch layers
 
 
 class ManifestMismatch(ValueError):
@@ -211,6 +212,19 @@ class Adapter:
         """The serving form of the decoder for these consumer projections (CPU fp32; .to() moves it)."""
         return FoldedDecoder(self.decoder, self.encoder.codec, proj)
 
+    def projections(self) -> ConsumerProjections | None:
+        """The consumer's K/V projections at the patch layers as calibrated (LoRA merged), for engines
+        that do not hand over the consumer's modules; None when the adapter dir has none."""
+        if not (self.path / PROJECTIONS_FILE).exists():
+            return None
+        proj = load_projections(self.path)
+        missing = sorted(set(self.patch_layers) - set(proj.layers))
+        if missing or proj.theta != self.manifest.consumer.rope_theta:
+            raise ManifestError(f"{self.path / PROJECTIONS_FILE}: layers {sorted(proj.layers)} / RoPE base "
+                                f"{proj.theta} do not cover the patch layers {self.patch_layers} / "
+                                f"{self.manifest.consumer.rope_theta}")
+        return proj
+
     def check_models(self, producer: ModelIdentity | None = None, consumer: ModelIdentity | None = None,
                      tokenizer: str | None = None) -> None:
         """ManifestMismatch naming the field where a model or tokenizer is not the calibrated one."""
@@ -233,6 +247,36 @@ def save_adapter(out: Path, manifest: AdapterManifest, decoder: ConsumerDecoder)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, out / "decoder.safetensors")
     (out / ADAPTER_FILE).write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+
+
+def save_projections(out: Path, proj: ConsumerProjections) -> None:
+    """A consumer's K/V projections (fp32, LoRA deltas merged) beside its adapter."""
+    tensors = {}
+    for layer, p in proj.layers.items():
+        w, b = p.merged()
+        tensors[f"kv_weight.{layer}"], tensors[f"kv_bias.{layer}"] = w.float().contiguous(), b.float().contiguous()
+    meta = {"theta": repr(float(proj.theta)), "kv_heads": str(proj.kv_heads), "head_dim": str(proj.head_dim)}
+    save_file(tensors, Path(out) / PROJECTIONS_FILE, metadata=meta)
+
+
+def load_projections(path: Path) -> ConsumerProjections:
+    from safetensors import safe_open
+
+    file = Path(path) / PROJECTIONS_FILE
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    try:
+        theta, kv_heads, head_dim = float(meta["theta"]), int(meta["kv_heads"]), int(meta["head_dim"])
+    except (KeyError, ValueError) as e:
+        raise ManifestError(f"{file}: metadata theta / kv_heads / head_dim missing or bad ({e})") from None
+    layers = {}
+    for name, w in tensors.items():
+        if name.startswith("kv_weight."):
+            layer = int(name.split(".", 1)[1])
+            b, kv = tensors[f"kv_bias.{layer}"], w.shape[0] // 2
+            layers[layer] = KVProjection(w[:kv], w[kv:], b[:kv], b[kv:])
+    return ConsumerProjections(theta, kv_heads, head_dim, layers)
 
 
 def load_encoder(path: Path) -> Encoder:

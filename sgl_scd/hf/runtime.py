@@ -9,7 +9,8 @@ capture_prefill() runs a plain forward; continue_from_kv() installs K/V for the 
 tokens into a fresh cache, runs the remaining tokens (at least the last one) and decodes
 greedily. continue_from_kv(k=None) is an ordinary prefill, the oracle; with min_margin it is
 the gated serving path: a rebuilt cache whose first-token distribution is a near-tie is
-dropped and the prompt prefilled instead.
+dropped and the prompt prefilled instead. Servers use its two halves: prefill_on_kv() (the
+cache and the first answer token's logits) and decode_steps() (one token per next()).
 """
 
 from __future__ import annotations

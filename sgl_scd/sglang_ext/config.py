@@ -1,0 +1,68 @@
+"""The linker's settings: what goes under "linker_extra_config" of
+--unified-cache-external-linker-config (JSON), parsed with the errors named."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LINKER_CLASS = "ScdLinker"
+LINKER_MODULE = "sgl_scd.sglang_ext.linker"
+_KEYS = {"encoder", "adapters", "store_url", "disabled", "publish", "publish_worker"}
+
+
+@dataclass(frozen=True)
+class LinkerSettings:
+    """encoder: the encoder artifact dir; adapters: LoRA name (as in --lora-paths) -> SCD adapter dir;
+    store_url: the prefix store (None: $SCD_STORE_URL, else embedded); disabled: adapters whose
+    reuse starts switched off; publish: whether base pages are published (the producer side);
+    publish_worker: encode and publish on a background thread (else inside offload())."""
+
+    encoder: str
+    adapters: dict[str, str] = field(default_factory=dict)
+    store_url: str | None = None
+    disabled: tuple[str, ...] = ()
+    publish: bool = True
+    publish_worker: bool = True
+
+    @classmethod
+    def from_dict(cls, value: dict) -> LinkerSettings:
+        if not isinstance(value, dict):
+            raise TypeError(f"linker_extra_config must be a JSON object, got {type(value).__name__}")
+        unknown = sorted(set(value) - _KEYS)
+        if unknown:
+            raise ValueError(f"linker_extra_config: unknown keys {unknown}; expected some of {sorted(_KEYS)}")
+        if not isinstance(value.get("encoder"), str) or not value["encoder"]:
+            raise ValueError("linker_extra_config: 'encoder' (the encoder artifact dir) is required")
+        adapters = value.get("adapters", {})
+        if not isinstance(adapters, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in adapters.items()):
+            raise ValueError("linker_extra_config: 'adapters' maps LoRA names to SCD adapter dirs (strings)")
+        disabled = value.get("disabled", [])
+        if not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
+            raise ValueError("linker_extra_config: 'disabled' is a list of adapter names")
+        unknown_off = sorted(set(disabled) - set(adapters))
+        if unknown_off:
+            raise ValueError(f"linker_extra_config: 'disabled' names adapters not configured: {unknown_off}")
+        store_url = value.get("store_url")
+        if store_url is not None and not isinstance(store_url, str):
+            raise ValueError("linker_extra_config: 'store_url' is a URL string")
+        publish, worker = value.get("publish", True), value.get("publish_worker", True)
+        if not isinstance(publish, bool) or not isinstance(worker, bool):
+            raise TypeError("linker_extra_config: 'publish' and 'publish_worker' are true or false")
+        return cls(value["encoder"], dict(adapters), store_url, tuple(disabled), publish, worker)
+
+    def to_dict(self) -> dict:
+        out = {"encoder": str(Path(self.encoder)), "adapters": dict(self.adapters), "publish": self.publish,
+               "publish_worker": self.publish_worker}
+        if self.store_url is not None:
+            out["store_url"] = self.store_url
+        if self.disabled:
+            out["disabled"] = list(self.disabled)
+        return out
+
+    def linker_config_json(self) -> str:
+        """The value of --unified-cache-external-linker-config for this linker."""
+        return json.dumps({"linker": LINKER_CLASS, "linker_module_path": LINKER_MODULE,
+                           "linker_extra_config": self.to_dict()}, sort_keys=True)
