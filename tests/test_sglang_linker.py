@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import threading
+import time
 from array import array
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.mem_cache.utils import get_hash_str
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+from store_fixtures import _fixture_redis_servers  # noqa: F401 - fixture
 from test_codec_core import HID, PS, L, _setup, _states
 
 from sgl_scd.codec import manifest as mf
@@ -480,5 +483,58 @@ def test_projections_shipped_in_the_adapter_dir_serve_without_the_model(artifact
         for layer in range(L):
             assert torch.allclose(e.kv.k_buffer[layer][slots], k_want[layer], rtol=1e-4,
                                   atol=1e-4 * k_want.abs().max())  # fp32 merged weights vs fp64 merge
+    finally:
+        e.close()
+
+
+def test_prometheus_counters_follow_hits_misses_and_publications(env):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {"pub": value("sgl_scd:linker_published_pages_total"),
+              "hit": value("sgl_scd:linker_hit_tokens_total", adapter="tiny-lora"),
+              "rebuilt": value("sgl_scd:linker_rebuilt_tokens_total", adapter="tiny-lora"),
+              "miss": value("sgl_scd:linker_miss_pages_total", adapter="other", cause="no_adapter")}
+    env.prefill_base(IDS[:T])
+    assert env.lora_request("m1", IDS)[:2] == (T, T)
+    env.lora_request("m2", IDS, name="other")  # no SCD artifacts
+    assert value("sgl_scd:linker_published_pages_total") - before["pub"] == 3
+    assert value("sgl_scd:linker_hit_tokens_total", adapter="tiny-lora") - before["hit"] == T
+    assert value("sgl_scd:linker_rebuilt_tokens_total", adapter="tiny-lora") - before["rebuilt"] == T
+    assert value("sgl_scd:linker_miss_pages_total", adapter="other", cause="no_adapter") - before["miss"] == 3
+    assert value("sgl_scd:linker_published_bytes_total") > 0
+
+
+@pytest.mark.redis
+def test_publish_and_rebuild_through_a_test_owned_redis(artifacts, redis_servers):
+    e = Env(*artifacts, redis_servers().url)
+    try:
+        e.prefill_base(IDS[:T])
+        assert e.linker.published_pages == 3 and e.linker.store.url.startswith("redis://")
+        stored = e.linker.store.page_hashes(IDS[:T])
+        assert stored == get_hash_str(IDS[:T], None, page_size=PS)  # SGLang's own keys
+        hit, loaded, _, failed = e.lora_request("x1", IDS)
+        assert (hit, loaded, failed) == (T, T, [])
+    finally:
+        e.close()
+
+
+def test_a_full_publish_queue_completes_nodes_unpublished_and_counts_them(artifacts, tmp_path):
+    e = Env(*artifacts, f"embedded://{tmp_path}/s.sqlite3", publish_queue=1)
+    try:
+        gate = threading.Event()
+        run = e.linker._run
+        e.linker._run = lambda job: (gate.wait(10), run(job))  # the worker holds its first job
+        for i in range(3):  # the first is taken, the second waits, the third finds the queue full
+            _, slots = e.write_base(T)
+            ids = list(range(1000 * (i + 1), 1000 * (i + 1) + T))
+            e.cache.insert(InsertParams(key=RadixKey(array("q", ids)), value=slots))
+            time.sleep(0.2)
+        assert e.linker.skipped_offloads["queue_full"] == 1
+        gate.set()
+        e.reap()
+        assert e.linker.published_pages == 6
     finally:
         e.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 LINKER_CLASS = "ScdLinker"
 LINKER_MODULE = "sgl_scd.sglang_ext.linker"
-_KEYS = {"encoder", "adapters", "store_url", "disabled", "publish", "publish_worker"}
+_KEYS = {"encoder", "adapters", "store_url", "disabled", "publish", "publish_worker", "publish_queue"}
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class LinkerSettings:
     """encoder: the encoder artifact dir; adapters: LoRA name (as in --lora-paths) -> SCD adapter dir;
     store_url: the prefix store (None: $SCD_STORE_URL, else embedded); disabled: adapters whose
     reuse starts switched off; publish: whether base pages are published (the producer side);
-    publish_worker: encode and publish on a background thread (else inside offload())."""
+    publish_worker: encode and publish on a background thread (else inside offload()); publish_queue:
+    offloads waiting for it, beyond which a node is completed unpublished and counted (queue_full)."""
 
     encoder: str
     adapters: dict[str, str] = field(default_factory=dict)
@@ -25,6 +26,7 @@ class LinkerSettings:
     disabled: tuple[str, ...] = ()
     publish: bool = True
     publish_worker: bool = True
+    publish_queue: int = 64
 
     @classmethod
     def from_dict(cls, value: dict) -> LinkerSettings:
@@ -51,11 +53,14 @@ class LinkerSettings:
         publish, worker = value.get("publish", True), value.get("publish_worker", True)
         if not isinstance(publish, bool) or not isinstance(worker, bool):
             raise TypeError("linker_extra_config: 'publish' and 'publish_worker' are true or false")
-        return cls(value["encoder"], dict(adapters), store_url, tuple(disabled), publish, worker)
+        queue = value.get("publish_queue", 64)
+        if isinstance(queue, bool) or not isinstance(queue, int) or queue < 1:
+            raise ValueError(f"linker_extra_config: 'publish_queue' is an int >= 1, got {queue!r}")
+        return cls(value["encoder"], dict(adapters), store_url, tuple(disabled), publish, worker, queue)
 
     def to_dict(self) -> dict:
         out = {"encoder": str(Path(self.encoder)), "adapters": dict(self.adapters), "publish": self.publish,
-               "publish_worker": self.publish_worker}
+               "publish_worker": self.publish_worker, "publish_queue": self.publish_queue}
         if self.store_url is not None:
             out["store_url"] = self.store_url
         if self.disabled:

@@ -59,6 +59,7 @@ from sgl_scd.codec.states import ConsumerProjections, ProducerStates
 from sgl_scd.reuse import Consumer, Publisher, store_identity
 from sgl_scd.sglang_ext.capture import PatchInputs
 from sgl_scd.sglang_ext.config import LinkerSettings
+from sgl_scd.sglang_ext.metrics import LinkerMetrics
 from sgl_scd.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class _Job:
 @dataclass
 class _Load:
     rid: str
+    name: str
     slots: torch.Tensor
     decoder: FoldedDecoder
     codes: dict[Slot, torch.Tensor]
@@ -193,6 +195,7 @@ class ScdLinker(UnifiedCacheLinker):
             self._worker = threading.Thread(target=self._work, name="scd-publish", daemon=True)
             self._worker.start()
         self._offload_node: tuple[object, int] | None = None  # (cache, node_id), set by the plugin hook
+        self.metrics = LinkerMetrics.default()
         self.misses: Counter[tuple[str, str]] = Counter()  # (adapter, cause) -> pages
         self.published_pages = 0
         self.skipped_offloads: Counter[str] = Counter()  # reason -> nodes not published
@@ -257,7 +260,8 @@ class ScdLinker(UnifiedCacheLinker):
     def offload(self, transfers: list[PoolTransfer], session_id: str | None = None) -> bool:
         node, self._offload_node = self._offload_node, None
         try:
-            job = self._plan(node, transfers)
+            busy = self._worker is not None and self._queue.qsize() >= self.settings.publish_queue
+            job = self._skip("queue_full") if busy else self._plan(node, transfers)
         except Exception:  # never into the scheduler: the node stays unstored and may be offered again
             logger.exception("SCD publish failed")
             job = _Job.finished(False)
@@ -322,9 +326,12 @@ class ScdLinker(UnifiedCacheLinker):
                                 {layer: x[:n].float().cpu() for layer, x in h.items()},
                                 self.encoder.codec.theta, job.first_page * self.page_size)
         # ids are only used to hash when hashes are not given: SGLang's own hashes are.
-        stored = self.publisher.publish([], states, hashes=job.hashes[: job.first_page + pages])
+        blobs = self.publisher.encode(states)
+        stored = self.publisher.publish([], states, hashes=job.hashes[: job.first_page + pages], blobs=blobs)
         with self._lock:
             self.published_pages += stored
+        self.metrics.published_pages.inc(stored)
+        self.metrics.published_bytes.inc(sum(len(b) for b in blobs[:stored]))
         return stored == pages
 
     def _work(self) -> None:
@@ -356,6 +363,7 @@ class ScdLinker(UnifiedCacheLinker):
     def _miss(self, name: str | None, pages: int, cause: str, store: bool = True) -> None:
         label = name or "unknown"
         self.misses[(label, cause)] += pages
+        self.metrics.misses.labels(label, cause).inc(pages)
         if store and pages:
             try:
                 self.store.record_rejected(adapter=label, pages=pages, cause=cause)
@@ -407,8 +415,11 @@ class ScdLinker(UnifiedCacheLinker):
         if pages < tail:  # the store's and the consumer's own counters have the cause too
             self._miss(name, tail - pages, got.cause or "store_miss", store=False)
         if got.codes is None or pages == 0:
+            self.metrics.lookup_tokens.labels(name).inc(tail * self.page_size)
             return _Hit(name, first_page, 0, None)
         codes = {s: q[: pages * self.page_size] for s, q in got.codes.items()}
+        self.metrics.lookup_tokens.labels(name).inc(tail * self.page_size)
+        self.metrics.hit_tokens.labels(name).inc(pages * self.page_size)
         return _Hit(name, first_page, pages, codes)
 
     def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
@@ -426,7 +437,7 @@ class ScdLinker(UnifiedCacheLinker):
         if self.patch_inputs is not None:
             self.patch_inputs.invalidate(slots)
         codes = {s: q[:n] for s, q in hit.codes.items()}
-        self._queued[rid] = _Load(rid, slots, decoder, codes, hit.first_page * self.page_size)
+        self._queued[rid] = _Load(rid, hit.name, slots, decoder, codes, hit.first_page * self.page_size)
         return True
 
     def start_layer_wise_loading(self) -> int:
@@ -434,6 +445,7 @@ class ScdLinker(UnifiedCacheLinker):
             return -1
         loads, self._queued = list(self._queued.values()), {}
         index = self.layer_done_counter.update_producer()
+        t0 = time.perf_counter()
         try:
             for layer in range(self.num_layers):
                 for ld in loads:
@@ -443,6 +455,10 @@ class ScdLinker(UnifiedCacheLinker):
         except Exception as exc:  # a device-side failure: finish() reports it, the batch is aborted
             logger.exception("SCD rebuild failed for %s", [ld.rid for ld in loads])
             self.layer_done_counter.fail(index, exc)
+            return index
+        self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
+        for ld in loads:
+            self.metrics.rebuilt_tokens.labels(ld.name).inc(len(ld.slots))
         return index
 
     def finish_layer_wise_loading(self, counter_index: int) -> bool:
