@@ -35,8 +35,10 @@ def test_shipped_tables_match_the_solver():
     assert quant.GAUSS_MSE[0] == 1.0  # 0 bits: the whole unit variance is error
     for b in range(1, quant.MAX_BITS + 1):
         step, mse = _solve(b, grid, pdf)
-        # 1e-9 relative: the solver is deterministic; only summation order may move the last digits
-        assert step == pytest.approx(quant.GAUSS_STEP[b], rel=1e-9), b
+        # The MSE is flat at its minimum: summation-order noise e in it (the CPU's SIMD width) moves
+        # the argmin by ~sqrt(e), so the step is checked to 1e-7 (seen: 2e-9 across machines) and
+        # the MSE, which that noise moves only to second order, to 1e-9.
+        assert step == pytest.approx(quant.GAUSS_STEP[b], rel=1e-7), b
         assert mse == pytest.approx(quant.GAUSS_MSE[b], rel=1e-9), b
     # closed form at 1 bit: levels at +-E|z| = +-sqrt(2/pi), so step 2*sqrt(2/pi) and MSE 1 - 2/pi
     assert quant.GAUSS_STEP[1] == pytest.approx(2 * np.sqrt(2 / np.pi), rel=1e-6)
