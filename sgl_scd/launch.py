@@ -14,8 +14,9 @@ prefills only the rest; usage.prompt_tokens_details.cached_tokens says how many 
 Settings: flags > environment (SCD_ENCODER, SCD_STORE_URL, SCD_HOST, SCD_PORT, SCD_CACHE_DIR)
 > defaults. The default store is embedded (SQLite under the user cache; no server needed).
 This reference server runs the models with transformers on CPU; on a CUDA machine with sglang
-installed, launch execs SGLang's own server with the SCD cache linker instead (--engine,
---dry-run prints that command).
+installed, launch starts SGLang's own servers with the SCD cache linker instead: the base with
+every LoRA adapter, and one server per full fine-tune on the next ports (--engine; --dry-run
+prints the commands).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import logging
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,13 +106,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.dry_run or args.engine == "sglang" or (args.engine == "auto" and torch.cuda.is_available()):
         try:
-            cmd = sglang_command_for(args, passthrough)
+            cmds = sglang_commands(args, passthrough)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-        print(shlex.join(cmd))
+        for cmd in cmds:
+            print(shlex.join(cmd))
         if args.dry_run:
             return
-        os.execvp(cmd[0], cmd)  # SGLang's server replaces this process
+        for cmd in cmds[1:]:  # the fine-tunes' servers, then the base's replaces this process
+            subprocess.Popen(cmd)
+        os.execvp(cmds[0][0], cmds[0])
     try:
         if args.min_margin is not None:
             check_min_margin(args.min_margin)
@@ -130,26 +135,25 @@ def main(argv=None) -> None:
     serve(engine, args)
 
 
-def sglang_command_for(args, passthrough: list[str]) -> list[str]:
-    """SGLang's launch command: the producer as the served model, every calibrated LoRA adapter (a full
-    fine-tune is served by a server of its own, pointed at the same store) with --lora-paths."""
+def sglang_commands(args, passthrough: list[str]) -> list[list[str]]:
+    """SGLang's launch commands: the producer as the served model with every calibrated LoRA adapter
+    (--lora-paths), then one server per calibrated full fine-tune, on the next ports, the same store."""
     from sgl_scd.sglang_ext.command import calibrated_adapters, sglang_command
 
     encoder = load_encoder(Path(args.encoder).resolve())  # the scheduler process may run elsewhere
     scd = calibrated_adapters(encoder.path)
     if args.consumer:
         scd = {name: path for name, path in scd.items() if name in args.consumer or path in args.consumer}
-    loras = {}
+    loras, finetunes = {}, {}
     for name, path in scd.items():
         consumer = models.resolve(load_adapter(Path(path), encoder).manifest.consumer.spec)
-        if models.is_adapter(consumer):
-            loras[name] = str(consumer)
-        else:
-            print(f"note: {name} is a full fine-tune ({consumer}): serve it with its own sglang server and the "
-                  f"same --store-url", file=sys.stderr)
-    return sglang_command(str(models.resolve(args.producer)), encoder.path, loras, adapters=scd,
-                          store_url=args.store_url, host=args.host, port=args.port, python=sys.executable,
-                          extra_args=passthrough)
+        (loras if models.is_adapter(consumer) else finetunes)[name] = str(consumer)
+    common = {"adapters": scd, "store_url": args.store_url, "host": args.host, "python": sys.executable,
+              "extra_args": passthrough}
+    cmds = [sglang_command(str(models.resolve(args.producer)), encoder.path, loras, port=args.port, **common)]
+    for i, (name, model) in enumerate(finetunes.items(), 1):
+        cmds.append(sglang_command(model, encoder.path, {}, consumer=name, port=args.port + i, **common))
+    return cmds
 
 
 def serve(engine: ReuseEngine, args) -> None:

@@ -272,24 +272,33 @@ def test_launch_refuses_bad_sizes(flag, capsys):
     assert flag in capsys.readouterr().err
 
 
-def test_launch_dry_run_prints_an_sglang_command_sglang_parses(small_encoder, lora_adapter, small_adapter, capsys):
+def test_launch_dry_run_prints_sglang_commands_sglang_parses(small_encoder, lora_adapter, small_adapter, capsys):
+    """The base's server with the LoRA consumer, then the full fine-tune's own server (next port)."""
     import shlex
 
     from sglang.srt.server_args import prepare_server_args
 
     from sgl_scd import launch
+    from sgl_scd.hf import models
     from sgl_scd.sglang_ext.config import LinkerSettings
 
     launch.main(["--dry-run", "--encoder", str(small_encoder.path), "--port", "30123", "--",
                  "--mem-fraction-static", "0.6"])
-    out = capsys.readouterr()
-    cmd = shlex.split(out.out.strip().splitlines()[-1])
-    assert cmd[1:3] == ["-m", "sglang.launch_server"]
-    args = prepare_server_args(cmd[3:])
-    assert args.page_size == small_encoder.page_size and args.port == 30123 and args.mem_fraction_static == 0.6
-    assert args.enable_lora and [p.split("=")[0] for p in args.lora_paths] == ["ci-lora"]  # the LoRA consumer
-    assert "ci-ft is a full fine-tune" in out.err  # served by a server of its own
-    config = args.unified_cache_external_linker_config
-    settings = LinkerSettings.from_dict((json.loads(config) if isinstance(config, str) else config)
-                                        ["linker_extra_config"])
-    assert set(settings.adapters) == {"ci-lora"} and settings.encoder == str(small_encoder.path.resolve())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    parsed = []
+    for line in lines:
+        cmd = shlex.split(line)
+        assert cmd[1:3] == ["-m", "sglang.launch_server"]
+        args = prepare_server_args(cmd[3:])
+        assert args.page_size == small_encoder.page_size and args.mem_fraction_static == 0.6
+        config = args.unified_cache_external_linker_config
+        config = json.loads(config) if isinstance(config, str) else config
+        parsed.append((args, LinkerSettings.from_dict(config["linker_extra_config"])))
+    (base_args, base_cfg), (ft_args, ft_cfg) = parsed
+    assert base_args.port == 30123 and base_args.model_path == str(models.resolve("base"))
+    assert base_args.enable_lora and [p.split("=")[0] for p in base_args.lora_paths] == ["ci-lora"]
+    assert set(base_cfg.adapters) == {"ci-lora"} and base_cfg.publish and base_cfg.consumer is None
+    assert base_cfg.encoder == str(small_encoder.path.resolve())
+    assert ft_args.port == 30124 and ft_args.model_path == str(models.resolve("ci-ft")) and not ft_args.enable_lora
+    assert ft_cfg.consumer == "ci-ft" and not ft_cfg.publish and set(ft_cfg.adapters) == {"ci-ft"}

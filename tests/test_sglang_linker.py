@@ -538,3 +538,43 @@ def test_a_full_publish_queue_completes_nodes_unpublished_and_counts_them(artifa
         assert e.linker.published_pages == 6
     finally:
         e.close()
+
+
+def test_a_fine_tunes_own_server_rebuilds_its_plain_requests_from_the_base_servers_pages(artifacts, tmp_path):
+    """Two servers, one store: the base's publishes; the fine-tune's (consumer set, no LoRA) rebuilds."""
+    url = f"embedded://{tmp_path}/s.sqlite3"
+    producer = Env(*artifacts, url)
+    try:
+        states, _ = producer.prefill_base(IDS[:T])
+    finally:
+        producer.close()
+    ft = Env(*artifacts, url, consumer="tiny-lora")
+    try:
+        assert ft.linker.publisher is None and ft.linker.patch_inputs is None
+        req = Req("ft1", None)  # a plain request: no lora_id on the fine-tune's server
+        key = RadixKey(array("q", IDS), limit=len(IDS) - 1)
+        m = ft.cache.match_prefix(MatchPrefixParams(key=key, req=req))
+        assert m.host_hit_length == T
+        req.last_node = m.last_device_node
+        loaded, _ = ft.cache.init_load_back(InitLoadBackParams(best_match_node=m.best_match_node,
+                                                               host_hit_length=m.host_hit_length, req=req))
+        slots = ft.cache.linker.private_load_indices.get("ft1")
+        ft.linker.layer_done_counter.set_consumer(ft.cache.ready_to_load_host_cache())
+        for layer in range(L):
+            ft.kv.get_key_buffer(layer)
+        assert loaded == T and ft.cache.finish_external_linker_loads([req]) == []
+        k_want, _ = ft.linker.consumers["tiny-lora"].adapter.fold(artifacts[1]).rebuild(_codes(ft.linker, states, 3))
+        assert torch.allclose(ft.kv.k_buffer[0][slots], k_want[0], rtol=1e-5, atol=1e-5 * k_want.abs().max())
+        ft.cache.insert(InsertParams(key=RadixKey(array("q", IDS[:T])), value=slots))
+        ft.reap()
+        assert ft.linker.skipped_offloads["publish_off"] >= 1  # its own K/V are never published
+    finally:
+        ft.close()
+
+
+def test_a_fine_tunes_server_settings_are_checked():
+    with pytest.raises(ValueError, match="'nope'"):
+        LinkerSettings.from_dict({"encoder": "e", "adapters": {"a": "d"}, "consumer": "nope"})
+    with pytest.raises(ValueError, match="must not publish"):
+        LinkerSettings.from_dict({"encoder": "e", "adapters": {"a": "d"}, "consumer": "a", "publish": True})
+    assert not LinkerSettings.from_dict({"encoder": "e", "adapters": {"a": "d"}, "consumer": "a"}).publish

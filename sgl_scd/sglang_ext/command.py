@@ -26,12 +26,14 @@ def sglang_command(model_path: str, encoder_dir: str | Path, lora_paths: dict[st
                    adapters: dict[str, str] | None = None, store_url: str | None = None,
                    disabled: tuple[str, ...] = (), publish: bool = True, host: str | None = None,
                    port: int | None = None, extra_args: list[str] | tuple[str, ...] = (),
-                   python: str = "python") -> list[str]:
+                   python: str = "python", consumer: str | None = None) -> list[str]:
     """argv serving model_path with every LoRA of lora_paths (name -> PEFT dir, --lora-paths NAME=PATH);
     the ones with SCD artifacts (adapters: name -> SCD adapter dir, by default calibrated_adapters of
     the encoder) reuse the base's pages. The page size is the encoder's; the prefill CUDA graph is
     disabled when the producer captures patch-layer inputs. extra_args pass through, except the
-    flags set here and those SGLang refuses next to an external linker (ValueError)."""
+    flags set here and those SGLang refuses next to an external linker (ValueError). With consumer
+    (an adapter name), model_path is that full fine-tune: its server rebuilds its plain requests
+    from the base server's pages and publishes nothing."""
     for arg in extra_args:
         flag = arg.split("=", 1)[0]
         if flag in _OWNED:
@@ -40,9 +42,14 @@ def sglang_command(model_path: str, encoder_dir: str | Path, lora_paths: dict[st
             raise ValueError(f"{flag} cannot be combined with the external cache linker")
     enc = load_encoder(Path(encoder_dir))
     scd = calibrated_adapters(encoder_dir) if adapters is None else dict(adapters)
-    served = {name: str(Path(path)) for name, path in scd.items() if name in lora_paths}
+    if consumer is not None:
+        if consumer not in scd or lora_paths:
+            raise ValueError(f"a fine-tune's server serves its adapter {consumer!r} (one of {sorted(scd)}) and no LoRA")
+        publish, served = False, {consumer: str(Path(scd[consumer]))}
+    else:
+        served = {name: str(Path(path)) for name, path in scd.items() if name in lora_paths}
     settings = LinkerSettings(str(Path(encoder_dir)), served, store_url,
-                              tuple(d for d in disabled if d in served), publish)
+                              tuple(d for d in disabled if d in served), publish, consumer=consumer)
     LinkerSettings.from_dict(settings.to_dict())  # the linker will parse it the same way
     cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--page-size", str(enc.page_size),
            "--enable-unified-cache-external-linker", "--unified-cache-external-linker-backend", "dynamic",

@@ -9,7 +9,8 @@ from pathlib import Path
 
 LINKER_CLASS = "ScdLinker"
 LINKER_MODULE = "sgl_scd.sglang_ext.linker"
-_KEYS = {"encoder", "adapters", "store_url", "disabled", "publish", "publish_worker", "publish_queue"}
+_KEYS = {"encoder", "adapters", "store_url", "disabled", "publish", "publish_worker", "publish_queue",
+         "consumer"}
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,10 @@ class LinkerSettings:
     store_url: the prefix store (None: $SCD_STORE_URL, else embedded); disabled: adapters whose
     reuse starts switched off; publish: whether base pages are published (the producer side);
     publish_worker: encode and publish on a background thread (else inside offload()); publish_queue:
-    offloads waiting for it, beyond which a node is completed unpublished and counted (queue_full)."""
+    offloads waiting for it, beyond which a node is completed unpublished and counted (queue_full);
+    consumer: set on the server of a full fine-tune (its own model, no LoRA): the adapter (a key of
+    adapters) whose decoders rebuild this server's plain requests from the base server's pages; such
+    a server never publishes (its K/V are not the base's)."""
 
     encoder: str
     adapters: dict[str, str] = field(default_factory=dict)
@@ -27,6 +31,7 @@ class LinkerSettings:
     publish: bool = True
     publish_worker: bool = True
     publish_queue: int = 64
+    consumer: str | None = None
 
     @classmethod
     def from_dict(cls, value: dict) -> LinkerSettings:
@@ -56,7 +61,14 @@ class LinkerSettings:
         queue = value.get("publish_queue", 64)
         if isinstance(queue, bool) or not isinstance(queue, int) or queue < 1:
             raise ValueError(f"linker_extra_config: 'publish_queue' is an int >= 1, got {queue!r}")
-        return cls(value["encoder"], dict(adapters), store_url, tuple(disabled), publish, worker, queue)
+        consumer = value.get("consumer")
+        if consumer is not None and consumer not in adapters:
+            raise ValueError(f"linker_extra_config: 'consumer' {consumer!r} is not one of the adapters {sorted(adapters)}")
+        if consumer is not None and value.get("publish", False):
+            raise ValueError("linker_extra_config: a fine-tune's server ('consumer' set) must not publish: "
+                             "its K/V are not the base's")
+        return cls(value["encoder"], dict(adapters), store_url, tuple(disabled),
+                   publish if consumer is None else False, worker, queue, consumer)
 
     def to_dict(self) -> dict:
         out = {"encoder": str(Path(self.encoder)), "adapters": dict(self.adapters), "publish": self.publish,
@@ -65,6 +77,8 @@ class LinkerSettings:
             out["store_url"] = self.store_url
         if self.disabled:
             out["disabled"] = list(self.disabled)
+        if self.consumer is not None:
+            out["consumer"] = self.consumer
         return out
 
     def linker_config_json(self) -> str:

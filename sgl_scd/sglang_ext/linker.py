@@ -24,6 +24,9 @@ writes with set_kv_buffer, completing the layer counter as it goes; finish repor
 A store that is down, a corrupt page, an adapter without artifacts or consumer projections, or one
 switched off: fewer pages promised and the cause counted (store counters and self.misses).
 
+On the server of a full fine-tune (settings "consumer"), plain requests are that adapter's: they
+are rebuilt from the base server's pages through the same store, and nothing is published.
+
 lora_id -> adapter name: --lora-paths adapters from server_args (SGLang's deterministic ids);
 adapters loaded at runtime through the plugin's LoRAManager hooks (register_lora / unregister_lora).
 The consumer's K/V projections at the patch layers come from the adapter dir (projections.safetensors,
@@ -223,7 +226,7 @@ class ScdLinker(UnifiedCacheLinker):
     def note_match(self, key, req, device_prefix_len: int) -> None:
         """The match hook: remember a request's tokens and namespace for its lookup."""
         rid, lora_id = req.rid, getattr(req, "lora_id", None)
-        if lora_id is None:  # base requests are never rebuilt from codes
+        if lora_id is None and self.settings.consumer is None:  # the base's requests are never rebuilt
             self._requests.pop(rid, None)
             return
         self._requests[rid] = _Request(lora_id, list(key.token_ids), key.extra_key, key.cache_salt,
@@ -394,9 +397,10 @@ class ScdLinker(UnifiedCacheLinker):
         kv = next((t for t in transfers if t.name == PoolName.KV), None)
         tail = len(kv.keys) if kv is not None and kv.keys else 0
         req = self._requests.get(rid)
-        if req is None or req.lora_id is None or tail == 0:
+        if req is None or tail == 0 or (req.lora_id is None and self.settings.consumer is None):
             return _Hit(None, 0, 0, None)  # a base request, or one the match hook did not see
-        name = self.lora_names.get(req.lora_id)
+        # a fine-tune's own server: its plain requests are the consumer's
+        name = self.settings.consumer if req.lora_id is None else self.lora_names.get(req.lora_id)
         first_page = req.device_prefix_len // self.page_size
         if name is None or name not in self.consumers:
             self._miss(name, tail, "no_adapter", store=name is not None)
