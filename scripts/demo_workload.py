@@ -94,7 +94,7 @@ def ask(client, model: str, item: data.QAItem, max_tokens: int, reuse: bool = Tr
             usage = chunk.usage
     text = "".join(parts)
     return {"text": text, "ttft_s": ttft or time.perf_counter() - t0, "prompt_tokens": usage.prompt_tokens,
-            "cached_tokens": usage.prompt_tokens_details.cached_tokens}
+            "cached_tokens": (usage.prompt_tokens_details.cached_tokens or 0) if usage.prompt_tokens_details else 0}
 
 
 def run(url: str, sets: dict[str, list[list[data.QAItem]]], max_tokens: int) -> dict:
