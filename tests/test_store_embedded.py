@@ -22,6 +22,7 @@ from sgl_scd.store.errors import StoreUnavailable
 
 
 def test_url_forms(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCD_CACHE_DIR", raising=False)  # it would win over XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert parse_embedded_url("embedded://") == (
         tmp_path / "xdg" / "sgl_scd" / "store" / "store.sqlite3", DEFAULT_MAX_BYTES)
@@ -136,6 +137,7 @@ def test_unopenable_file_is_store_unavailable(tmp_path):
 
 
 def test_default_url_uses_user_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCD_CACHE_DIR", raising=False)  # it would win over XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     backend = open_backend("embedded://")
     assert Path(backend.info()["path"]) == tmp_path / "sgl_scd" / "store" / "store.sqlite3"
