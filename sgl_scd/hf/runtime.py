@@ -35,6 +35,7 @@ class PrefillCapture:
     theta: float  # the RoPE base the keys were rotated with
     sel_logits: torch.Tensor | None = None  # [P, V] logits at the positions asked for (logits_at)
     resid: torch.Tensor | None = None  # [L, T, hidden] residual stream entering each layer, if asked
+    cache: DynamicCache | None = None  # the prefill's own cache, if asked (keep_cache): decode goes on from it
 
     @property
     def num_tokens(self) -> int:
@@ -79,9 +80,9 @@ def num_layers(model) -> int:
 
 @torch.inference_mode()
 def capture_prefill(model, ids: list[int], *, hidden: bool = True, logits_at: list[int] | None = None,
-                    residual: bool = False) -> PrefillCapture:
+                    residual: bool = False, keep_cache: bool = False) -> PrefillCapture:
     """Run a full prefill of ids and return per-layer K (post-RoPE), V and normalized inputs
-    (optionally the logits at positions `logits_at` and the residual stream)."""
+    (optionally the logits at positions `logits_at`, the residual stream and the cache itself)."""
     if len(ids) == 0:
         raise ValueError("capture_prefill needs at least one token id")
     h_in: list[torch.Tensor] = []
@@ -104,6 +105,7 @@ def capture_prefill(model, ids: list[int], *, hidden: bool = True, logits_at: li
         last_logits=out.logits[0, -1].float(), theta=rope.rope_theta(model.config),
         sel_logits=out.logits[0, logits_at].float().clone() if logits_at else None,
         resid=torch.stack(out.hidden_states[:-1])[:, 0] if residual else None,
+        cache=cache if keep_cache else None,
     )
 
 
@@ -227,19 +229,18 @@ def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tok
     """Greedy answer tokens from the first answer token's logits until a stop token, and the
     logits after each of them (what the next answer token was chosen from)."""
     stop = stop_ids(tokenizer)
+    seen: list[torch.Tensor] = []  # every logits vector a token was chosen from, the first one included
+
+    def choose(x: torch.Tensor) -> int:
+        seen.append(x.float())
+        return int(x.argmax())
+
     tokens: list[int] = []
-    later: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        nxt = int(logits.argmax())
-        if nxt in stop:
+    for tok in decode_steps(model, Prefilled(cache, logits, pos, 0.0), choose):
+        if tok in stop or len(tokens) == max_new_tokens:  # asking for it ran the last token's forward
             break
-        tokens.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]),
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[0, -1]
-        later.append(logits.float())
-        pos += 1
-    return tokens, later
+        tokens.append(tok)
+    return tokens, seen[1:]
 
 
 class _ReplacedKV(DynamicCache):

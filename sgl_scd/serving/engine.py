@@ -127,7 +127,9 @@ class ReuseEngine:
 
     def _prefill_producer(self, gen: Generation) -> runtime.Prefilled:
         layers = self.encoder.codec.patch_layers
-        cap = runtime.capture_prefill(self.producer.model, gen.ids, hidden=bool(layers))
+        t0 = time.perf_counter()
+        cap = runtime.capture_prefill(self.producer.model, gen.ids, hidden=bool(layers), keep_cache=True)
+        forward_s = time.perf_counter() - t0
         states = cap.states(layers)
         t0 = time.perf_counter()
         if self.worker is not None:
@@ -135,7 +137,7 @@ class ReuseEngine:
         else:
             gen.timings["published_pages"] = self.publisher.publish(gen.ids, states)
         gen.timings["publish_s"] = time.perf_counter() - t0
-        return runtime.prefill_on_kv(self.producer.model, gen.ids, cap.k[:, :-1], cap.v[:, :-1])
+        return runtime.Prefilled(cap.cache, cap.last_logits, len(gen.ids), forward_s)  # decode goes on from it
 
     def _prefill_consumer(self, gen: Generation) -> runtime.Prefilled:
         c = self.consumers[gen.model]
