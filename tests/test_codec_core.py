@@ -42,6 +42,27 @@ def _setup(context: str = "kv+h", lora: bool = True):
     return enc, dec, ConsumerProjections(1e6, H, D, layers)
 
 
+def _save_artifacts(root, adapter_dir: str = "tiny-lora"):
+    """_setup's random encoder and decoder saved as real artifacts: root/enc and root/<adapter_dir>
+    (adapter "tiny-lora": consumer RoPE base 1e6, calibrated to 6 pages). (encoder dir, adapter dir,
+    the consumer projections)."""
+    import dataclasses
+
+    from sgl_scd.codec import manifest as mf
+
+    enc, dec, proj = _setup()
+    ident = mf.ModelIdentity("tiny", "r" * 64, 1e4, L, H, D, HID)
+    em = mf.EncoderManifest(name="enc", producer=ident, tokenizer_digest="t" * 64, revision=mf.encoder_revision(enc),
+                            page_size=PS, h_layers=enc.patch_layers, bits_per_token=enc.bits_per_token(),
+                            payload_bytes_per_token=100.0, raw_kv_bytes_per_token=128, payload_ratio=100 / 128)
+    mf.save_encoder(root / "enc", em, enc)
+    am = mf.AdapterManifest(name="tiny-lora", consumer=dataclasses.replace(ident, rope_theta=1e6), encoder="enc",
+                            encoder_revision=em.revision, decoder_context="kv+h", decoder_hidden={"h": 16},
+                            max_tokens=6 * PS)
+    mf.save_adapter(root / adapter_dir, am, dec)
+    return root / "enc", root / adapter_dir, proj
+
+
 def _states(t: int, start: int = 0) -> ProducerStates:
     g = torch.Generator().manual_seed(1)
     k_nope = torch.randn(L, t, H, D, generator=g)

@@ -8,29 +8,16 @@ import dataclasses
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from test_codec_core import PS, _setup, _states
+from test_codec_core import PS, _save_artifacts, _states
 
 from sgl_scd.codec import manifest as mf
 from sgl_scd.reuse import Consumer, Publisher, store_identity, usable_pages
 from sgl_scd.store import StoreMetrics, open_store
 
-IDENT = mf.ModelIdentity("tiny", "r" * 64, 1e4, 4, 2, 8, 32)
-
 
 @pytest.fixture()
 def adapter(tmp_path):
-    enc, dec, _ = _setup()
-    payload = 100.0
-    em = mf.EncoderManifest(name="enc", producer=IDENT, tokenizer_digest="t" * 64, revision=mf.encoder_revision(enc),
-                            page_size=PS, h_layers=enc.patch_layers, bits_per_token=enc.bits_per_token(),
-                            payload_bytes_per_token=payload, raw_kv_bytes_per_token=128, payload_ratio=payload / 128)
-    mf.save_encoder(tmp_path / "enc", em, enc)
-    am = mf.AdapterManifest(name="tiny-lora", consumer=dataclasses.replace(IDENT, rope_theta=1e6), encoder="enc",
-                            encoder_revision=em.revision, decoder_context="kv+h", decoder_hidden={"h": 16},
-                            max_tokens=6 * PS)
-    mf.save_adapter(tmp_path / "tiny-lora", am, dec)
-    return mf.load_adapter(tmp_path / "tiny-lora")
-
+    return mf.load_adapter(_save_artifacts(tmp_path)[1])
 
 @pytest.fixture()
 def store(tmp_path, adapter):

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
-from test_codec_core import HID, PS, L, _setup
+from test_codec_core import PS, _save_artifacts
 
-from sgl_scd.codec import manifest as mf
 from sgl_scd.sglang_ext.command import calibrated_adapters, sglang_command
 from sgl_scd.sglang_ext.config import LINKER_CLASS, LINKER_MODULE, LinkerSettings
 
@@ -17,18 +14,7 @@ pytest.importorskip("sglang")
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmd")
-    enc, dec, _ = _setup()
-    ident = mf.ModelIdentity("tiny", "r" * 64, 1e4, L, 2, 8, HID)
-    em = mf.EncoderManifest(name="enc", producer=ident, tokenizer_digest="t" * 64, revision=mf.encoder_revision(enc),
-                            page_size=PS, h_layers=enc.patch_layers, bits_per_token=enc.bits_per_token(),
-                            payload_bytes_per_token=100.0, raw_kv_bytes_per_token=128, payload_ratio=100 / 128)
-    mf.save_encoder(root / "enc", em, enc)
-    am = mf.AdapterManifest(name="tiny-lora", consumer=dataclasses.replace(ident, rope_theta=1e6), encoder="enc",
-                            encoder_revision=em.revision, decoder_context="kv+h", decoder_hidden={"h": 16},
-                            max_tokens=6 * PS)
-    mf.save_adapter(root / "tiny-lora-dir", am, dec)
-    return root / "enc"
+    return _save_artifacts(tmp_path_factory.mktemp("cmd"), "tiny-lora-dir")[0]
 
 
 def test_the_command_parses_with_sglangs_parser(encoder_dir):

@@ -32,6 +32,7 @@ from sglang.srt.mem_cache.unified_cache.linker_factory import create_unified_cac
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+from test_sglang_linker import Req
 
 from sgl_scd.demo import data
 from sgl_scd.evaluation import quality
@@ -44,16 +45,6 @@ from sgl_scd.store import open_store
 
 pytestmark = pytest.mark.model
 N_PROMPTS = 50  # the issue's bar for the SGLang-structures vs HF-engine comparison
-
-
-class Req:
-    """The fields of a scheduler Req the cache reads (Req.__init__ appends lora_id to extra_key)."""
-
-    def __init__(self, rid: str, lora_id: str | None):
-        self.rid, self.lora_id = rid, lora_id
-        self.extra_key, self.cache_salt = lora_id, None
-        self.session = self.kv = self.last_node = self.swa_branching_seqlen = None
-        self.swa_host_hit_length = self.mamba_host_hit_length = 0
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

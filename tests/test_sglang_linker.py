@@ -6,7 +6,6 @@ layer's inputs are written into the pool and the side buffer as a producer forwa
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import threading
@@ -41,7 +40,7 @@ from sglang.srt.mem_cache.utils import get_hash_str
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 from store_fixtures import _fixture_redis_servers  # noqa: F401 - fixture
-from test_codec_core import HID, PS, L, _setup, _states
+from test_codec_core import HID, PS, L, _save_artifacts, _states
 
 from sgl_scd.codec import manifest as mf
 from sgl_scd.codec import wire
@@ -50,7 +49,6 @@ from sgl_scd.sglang_ext.config import LINKER_CLASS, LINKER_MODULE, LinkerSetting
 from sgl_scd.sglang_ext.linker import ScdLinker, base_namespace
 
 H, D = 2, 8
-IDENT = mf.ModelIdentity("tiny", "r" * 64, 1e4, L, H, D, HID)
 POOL = 256
 T = 3 * PS  # a prompt's three full pages (its last token, one more, is never reused)
 
@@ -58,18 +56,8 @@ T = 3 * PS  # a prompt's three full pages (its last token, one more, is never re
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """An encoder dir and one adapter ("tiny-lora") beside it, and the adapter's consumer projections."""
-    root = tmp_path_factory.mktemp("scd")
-    enc, dec, proj = _setup()
-    em = mf.EncoderManifest(name="enc", producer=IDENT, tokenizer_digest="t" * 64, revision=mf.encoder_revision(enc),
-                            page_size=PS, h_layers=enc.patch_layers, bits_per_token=enc.bits_per_token(),
-                            payload_bytes_per_token=100.0, raw_kv_bytes_per_token=128, payload_ratio=100 / 128)
-    mf.save_encoder(root / "enc", em, enc)
-    am = mf.AdapterManifest(name="tiny-lora", consumer=dataclasses.replace(IDENT, rope_theta=1e6), encoder="enc",
-                            encoder_revision=em.revision, decoder_context="kv+h", decoder_hidden={"h": 16},
-                            max_tokens=6 * PS)
-    mf.save_adapter(root / "tiny-lora", am, dec)
-    return root, proj
-
+    enc_dir, _, proj = _save_artifacts(tmp_path_factory.mktemp("scd"))
+    return enc_dir.parent, proj
 
 @pytest.fixture(scope="module", autouse=True)
 def hooks():
