@@ -41,6 +41,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 from store_fixtures import _fixture_redis_servers  # noqa: F401 - fixture
 from test_codec_core import HID, PS, L, _save_artifacts, _states
+from test_store_faults import misses
 
 from sgl_scd.codec import manifest as mf
 from sgl_scd.codec import wire
@@ -307,6 +308,66 @@ def test_a_store_that_is_down_publishes_and_promises_nothing_without_raising(art
         assert e.linker.misses[("tiny-lora", "store_miss")] == 3
     finally:
         e.close()
+
+
+@pytest.mark.redis
+def test_a_slow_store_is_a_counted_miss_within_the_timeout(artifacts, redis_servers):
+    server = redis_servers()
+    e = Env(*artifacts, server.url, store_timeout_s=0.3)
+    try:
+        e.prefill_base(IDS[:T])
+        assert e.linker.published_pages == 3
+        server.pause()  # a hung server: connections stay open, nothing answers
+        try:
+            t0 = time.monotonic()
+            assert e.lora_request("s1", IDS)[:3:2] == (0, None)  # nothing promised, nothing loaded
+            # one 0.3 s operation timeout (the lookup is on the scheduler's thread), no retries;
+            # 1.5 s leaves room for a loaded 2-core machine
+            assert time.monotonic() - t0 < 1.5
+            assert e.linker.misses[("tiny-lora", "store_miss")] == 3
+            assert misses(e.linker.store, "timeout", adapter="tiny-lora") == 1  # the store's own cause
+            assert e.lora_request("s2", IDS)[:2] == (0, 0)  # the breaker skips the store: no second wait
+        finally:
+            server.resume()
+        deadline = time.monotonic() + 10  # the breaker lets a probe through again, then it hits
+        while e.lora_request(f"s3-{time.monotonic()}", IDS)[:2] != (T, T):
+            assert time.monotonic() < deadline, "the store never served again after it resumed"
+            time.sleep(0.2)
+    finally:
+        e.close()
+
+
+def test_the_forward_runs_early_layers_while_later_ones_are_rebuilt(env, monkeypatch):
+    """The rebuild thread completes the counter layer by layer: the forward's wait on layer 0
+    returns while layer 1 is still held back (a gate in the decoder), and finish waits for all."""
+    from sgl_scd.codec.fold import FoldedDecoder
+
+    gate, reached = threading.Event(), threading.Event()
+    real = FoldedDecoder.rebuild_layer
+
+    def gated(self, layer, *args, **kwargs):
+        if layer == 1:
+            reached.set()
+            assert gate.wait(10)
+        return real(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(FoldedDecoder, "rebuild_layer", gated)
+    env.prefill_base(IDS[:T])
+    req = Req("w1", LoRARef.deterministic_id("tiny-lora", LORAS["tiny-lora"]))
+    key = RadixKey(array("q", IDS), extra_key=req.extra_key, limit=len(IDS) - 1)
+    m = env.cache.match_prefix(MatchPrefixParams(key=key, req=req))
+    req.last_node = m.last_device_node
+    env.cache.init_load_back(InitLoadBackParams(best_match_node=m.best_match_node,
+                                                host_hit_length=m.host_hit_length, req=req))
+    index = env.cache.ready_to_load_host_cache()
+    env.linker.layer_done_counter.set_consumer(index)
+    env.kv.get_key_buffer(0)  # returns: layer 0 has landed
+    assert reached.wait(10)
+    assert not env.linker.layer_done_counter.futures[index][L - 1].done()  # later layers still pending
+    gate.set()
+    for layer in range(L):
+        env.kv.get_key_buffer(layer)
+    assert env.cache.finish_external_linker_loads([req]) == []
 
 
 def test_the_capture_hook_on_a_patch_layer_feeds_the_producer(env):

@@ -49,7 +49,7 @@ def sglang_command(model_path: str, encoder_dir: str | Path, lora_paths: dict[st
     else:
         served = {name: str(Path(path)) for name, path in scd.items() if name in lora_paths}
     settings = LinkerSettings(str(Path(encoder_dir)), served, store_url,
-                              tuple(d for d in disabled if d in served), publish, consumer=consumer)
+                              disabled=tuple(d for d in disabled if d in served), publish=publish, consumer=consumer)
     LinkerSettings.from_dict(settings.to_dict())  # the linker will parse it the same way
     cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--page-size", str(enc.page_size),
            "--enable-unified-cache-external-linker", "--unified-cache-external-linker-backend", "dynamic",

@@ -9,14 +9,16 @@ from pathlib import Path
 
 LINKER_CLASS = "ScdLinker"
 LINKER_MODULE = "sgl_scd.sglang_ext.linker"
-_KEYS = {"encoder", "adapters", "store_url", "disabled", "publish", "publish_worker", "publish_queue",
-         "consumer"}
+_KEYS = {"encoder", "adapters", "store_url", "store_timeout_s", "disabled", "publish", "publish_worker",
+         "publish_queue", "consumer"}
 
 
 @dataclass(frozen=True)
 class LinkerSettings:
     """encoder: the encoder artifact dir; adapters: LoRA name (as in --lora-paths) -> SCD adapter dir;
-    store_url: the prefix store (None: $SCD_STORE_URL, else embedded); disabled: adapters whose
+    store_url: the prefix store (None: $SCD_STORE_URL, else embedded); store_timeout_s: the longest one
+    store operation may take (a lookup runs on the scheduler thread; slower is a counted miss, and
+    the store's breaker then skips it until it answers again); disabled: adapters whose
     reuse starts switched off; publish: whether base pages are published (the producer side);
     publish_worker: encode and publish on a background thread (else inside offload()); publish_queue:
     offloads waiting for it, beyond which a node is completed unpublished and counted (queue_full);
@@ -27,6 +29,7 @@ class LinkerSettings:
     encoder: str
     adapters: dict[str, str] = field(default_factory=dict)
     store_url: str | None = None
+    store_timeout_s: float = 0.25
     disabled: tuple[str, ...] = ()
     publish: bool = True
     publish_worker: bool = True
@@ -55,6 +58,9 @@ class LinkerSettings:
         store_url = value.get("store_url")
         if store_url is not None and not isinstance(store_url, str):
             raise ValueError("linker_extra_config: 'store_url' is a URL string")
+        timeout = value.get("store_timeout_s", 0.25)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"linker_extra_config: 'store_timeout_s' is seconds > 0, got {timeout!r}")
         publish, worker = value.get("publish", True), value.get("publish_worker", True)
         if not isinstance(publish, bool) or not isinstance(worker, bool):
             raise TypeError("linker_extra_config: 'publish' and 'publish_worker' are true or false")
@@ -67,12 +73,13 @@ class LinkerSettings:
         if consumer is not None and value.get("publish", False):
             raise ValueError("linker_extra_config: a fine-tune's server ('consumer' set) must not publish: "
                              "its K/V are not the base's")
-        return cls(value["encoder"], dict(adapters), store_url, tuple(disabled),
+        return cls(value["encoder"], dict(adapters), store_url, float(timeout), tuple(disabled),
                    publish if consumer is None else False, worker, queue, consumer)
 
     def to_dict(self) -> dict:
         out = {"encoder": str(Path(self.encoder)), "adapters": dict(self.adapters), "publish": self.publish,
-               "publish_worker": self.publish_worker, "publish_queue": self.publish_queue}
+               "publish_worker": self.publish_worker, "publish_queue": self.publish_queue,
+               "store_timeout_s": self.store_timeout_s}
         if self.store_url is not None:
             out["store_url"] = self.store_url
         if self.disabled:

@@ -19,8 +19,11 @@ Consumer (lookup): for a LoRA request, the request's token ids come from the mat
 with SGLang's get_hash_str (lora_id stripped from extra_key, cache_salt kept), and the pages after
 the device prefix are fetched, validated and decoded by reuse.Consumer, once per rid (memoized).
 The promise is the longest leading run it holds decoded codes for. load() records the request's
-slots; start_layer_wise_loading() rebuilds layer by layer with the adapter's FoldedDecoder and
-writes with set_kv_buffer, completing the layer counter as it goes; finish reports the counter.
+slots; start_layer_wise_loading() hands the batch to a rebuild thread (its own CUDA stream on a GPU)
+that rebuilds layer by layer with the adapter's FoldedDecoder, writes with set_kv_buffer and
+completes the layer counter as each layer lands, so the forward (which waits per layer in the
+pool's get_key_buffer) runs layer l while later layers are rebuilt; finish reports the counter.
+Store operations are bounded by store_timeout_s: a lookup never holds the scheduler longer.
 A store that is down, a corrupt page, an adapter without artifacts or consumer projections, or one
 switched off: fewer pages promised and the cause counted (store counters and self.misses).
 
@@ -36,6 +39,7 @@ reading them from the served model's weights and LoRA buffers is not implemented
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -63,7 +67,7 @@ from sgl_scd.reuse import Consumer, Publisher, store_identity
 from sgl_scd.sglang_ext.capture import PatchInputs
 from sgl_scd.sglang_ext.config import LinkerSettings
 from sgl_scd.sglang_ext.metrics import LinkerMetrics
-from sgl_scd.store import open_store
+from sgl_scd.store import Timeouts, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,23 @@ class _Load:
     start: int  # absolute position of the first slot's token
 
 
+@dataclass
+class _Batch:
+    """Loads of one adapter side by side: their codes, slots and RoPE tables concatenated."""
+
+    decoder: FoldedDecoder
+    codes: dict[Slot, torch.Tensor]
+    slots: torch.Tensor
+    tables: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, loads: list[_Load]) -> _Batch:
+        dec = loads[0].decoder
+        codes = {s: torch.cat([ld.codes[s] for ld in loads]).to(dec.device) for s in loads[0].codes}  # uint8
+        positions = torch.cat([torch.arange(ld.start, ld.start + len(ld.slots)) for ld in loads])
+        return cls(dec, codes, torch.cat([ld.slots for ld in loads]), dec.rope_tables(positions))
+
+
 def lora_names(server_args) -> dict[str, str]:
     """lora_id -> adapter name of the adapters given with --lora-paths (LoRARef after ServerArgs
     resolution, or NAME=PATH / PATH strings / dicts, given SGLang's deterministic ids)."""
@@ -172,7 +193,9 @@ class ScdLinker(UnifiedCacheLinker):
         self.layer_done_counter = LayerWiseLoadCounter(self.num_layers)
         self.encoder = load_encoder(Path(self.settings.encoder))
         self._check_pool(self.encoder.manifest.producer, "producer")
-        self.store = open_store(self.settings.store_url, store_identity(self.encoder))
+        timeout = self.settings.store_timeout_s
+        self.store = open_store(self.settings.store_url, store_identity(self.encoder),
+                                timeouts=Timeouts(connect_s=timeout, op_s=timeout))
         self.publisher = Publisher(self.encoder, self.store) if self.settings.publish else None
         self.consumers: dict[str, Consumer] = {}
         for name, path in self.settings.adapters.items():
@@ -197,6 +220,10 @@ class ScdLinker(UnifiedCacheLinker):
         if self.publisher is not None and self.settings.publish_worker:
             self._worker = threading.Thread(target=self._work, name="scd-publish", daemon=True)
             self._worker.start()
+        self._loads: queue.Queue[tuple | None] = queue.Queue()  # batches to rebuild
+        self._stream = torch.cuda.Stream(kv.device) if torch.device(kv.device).type == "cuda" else None
+        self._loader = threading.Thread(target=self._rebuild_work, name="scd-rebuild", daemon=True)
+        self._loader.start()
         self._offload_node: tuple[object, int] | None = None  # (cache, node_id), set by the plugin hook
         self.metrics = LinkerMetrics.default()
         self.misses: Counter[tuple[str, str]] = Counter()  # (adapter, cause) -> pages
@@ -445,25 +472,51 @@ class ScdLinker(UnifiedCacheLinker):
         return True
 
     def start_layer_wise_loading(self) -> int:
+        """Hand the queued loads to the rebuild thread; the forward waits per layer (the pool's
+        get_key_buffer -> layer_done_counter.wait_until) while later layers are still rebuilt."""
         if not self._queued:
             return -1
         loads, self._queued = list(self._queued.values()), {}
         index = self.layer_done_counter.update_producer()
+        ready = None
+        if self._stream is not None:  # the slots' earlier users on this stream finish first
+            ready = torch.cuda.Event()
+            ready.record()
+        self._loads.put((index, loads, ready))
+        return index
+
+    def _rebuild(self, index: int, loads: list[_Load], ready=None) -> None:
+        """On the rebuild thread (its own CUDA stream on a GPU): every layer of one batch, layer by
+        layer, the loads of one adapter concatenated into one pass per layer; a layer is completed
+        only once its writes have landed."""
         t0 = time.perf_counter()
         try:
-            for layer in range(self.num_layers):
-                for ld in loads:
-                    k, v = ld.decoder.rebuild_layer(layer, ld.codes, start=ld.start)
-                    self.kvcache.set_kv_buffer(None, ld.slots, k, v, layer_id_override=layer)
-                self.layer_done_counter.complete(index, layer)
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                if ready is not None:
+                    self._stream.wait_event(ready)
+                groups = [_Batch.of([ld for ld in loads if ld.decoder is dec])
+                          for dec in {id(ld.decoder): ld.decoder for ld in loads}.values()]
+                for layer in range(self.num_layers):
+                    for b in groups:
+                        k, v = b.decoder.rebuild_layer(layer, b.codes, tables=b.tables)
+                        self.kvcache.set_kv_buffer(None, b.slots, k, v, layer_id_override=layer)
+                    if self._stream is not None:
+                        self._stream.synchronize()
+                    self.layer_done_counter.complete(index, layer)
         except Exception as exc:  # a device-side failure: finish() reports it, the batch is aborted
             logger.exception("SCD rebuild failed for %s", [ld.rid for ld in loads])
             self.layer_done_counter.fail(index, exc)
-            return index
+            return
         self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
         for ld in loads:
             self.metrics.rebuilt_tokens.labels(ld.name).inc(len(ld.slots))
-        return index
+
+    def _rebuild_work(self) -> None:
+        while (task := self._loads.get()) is not None:
+            try:
+                self._rebuild(*task)
+            finally:
+                self._loads.task_done()
 
     def finish_layer_wise_loading(self, counter_index: int) -> bool:
         if counter_index < 0:
@@ -476,7 +529,8 @@ class ScdLinker(UnifiedCacheLinker):
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def reset(self) -> None:
-        self.drain()  # quiesce: publications in flight finish first
+        self.drain()  # quiesce: publications in flight finish first ...
+        self._loads.join()  # ... and so do the rebuilds started
         self._requests.clear()
         self._hits.clear()
         self._queued.clear()
@@ -491,4 +545,6 @@ class ScdLinker(UnifiedCacheLinker):
             self._queue.put(None)
             self._worker.join()
             self._worker = None
+        self._loads.put(None)
+        self._loader.join()
         self.store.close()
