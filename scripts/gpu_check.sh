@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 nvidia-smi -L
 make install
 .venv/bin/python -m pytest -q tests/test_sglang_import.py tests/test_store_page_hash.py
-BASE=$(.venv/bin/python -c "from sgl_scd.models import ensure_base; print(ensure_base())")
+BASE=$(.venv/bin/python -c "from sgl_scd.demo.base import ensure_base; print(ensure_base())")
+mkdir -p out
 PORT=${PORT:-30010}
 .venv/bin/python -m sglang.launch_server --model-path "$BASE" --page-size 16 --port "$PORT" \
   --mem-fraction-static 0.3 > out/sglang_server.log 2>&1 &

@@ -16,6 +16,9 @@ from sgl_scd.settings import REPO_ROOT
 
 @lru_cache(maxsize=1)
 def git_sha() -> str:
+    """HEAD's short SHA (+ "-dirty"), or $SCD_GIT_SHA where the tree travelled without .git."""
+    if os.environ.get("SCD_GIT_SHA"):
+        return os.environ["SCD_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True).stdout.strip()

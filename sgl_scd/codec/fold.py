@@ -118,6 +118,10 @@ class FoldedDecoder:
                     m.up, m.u, m.down = mv(m.up), mv(m.u), mv(m.down)
         return self
 
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of this consumer at positions [T], on its device (rebuild_layer(tables=...))."""
+        return rope.tables_at(self.theta, self.head_dim, positions, self.device)
+
     def layer_inputs(self, layer: int) -> set[Slot]:
         """The slots whose codes rebuilding this layer reads."""
         return {i for st in self.plan[layer] for i in st.inputs}
@@ -157,9 +161,11 @@ class FoldedDecoder:
 
     @torch.inference_mode()
     def rebuild_layer(self, layer: int, codes: dict[Slot, torch.Tensor], start: int = 0,
-                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K (after the consumer's RoPE) and V [T, H_kv, D] of one layer for T tokens at absolute
-        positions start..start+T-1, from their integer codes {slot: [T, r]} (slots beyond
+        positions start..start+T-1 (or at the positions of tables = rope_tables(positions): several
+        requests' runs concatenated, rebuilt in one pass), from their integer codes {slot: [T, r]} (slots beyond
         layer_inputs(layer) are ignored). out: (k, v) buffers of that shape to write into (any
         dtype; an engine's KV pool slices)."""
         if not 0 <= layer < self.num_layers:
@@ -169,7 +175,7 @@ class FoldedDecoder:
         kv = torch.empty(t, 2 * kv_dim, device=self.device, dtype=self.dtype)
         self._layer_into(layer, codes, kv)
         shape = (t, self.kv_heads, self.head_dim)
-        k = rope.rotate(kv[:, :kv_dim].view(shape), self.theta, start)
+        k = rope.rotate(kv[:, :kv_dim].view(shape), self.theta, start, tables)
         v = kv[:, kv_dim:].view(shape)
         if out is None:
             return k, v

@@ -46,9 +46,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
-    """Apply RoPE to x [..., T, H, D] at positions start..start+T-1."""
-    cos, sin = _tables(float(theta), x.shape[-1], int(start), x.shape[-3], x.device)  # [T, 1, D]
+def tables_at(theta: float, head_dim: int, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, D] fp32 cos/sin at arbitrary positions [T] (several requests' runs side by side), for
+    rotate(tables=...): built once per batch, used by every layer."""
+    cos, sin = cos_sin(float(theta), head_dim, positions.cpu())
+    return cos[:, None, :].to(device), sin[:, None, :].to(device)
+
+
+def rotate(x: torch.Tensor, theta: float, start: int = 0, tables: tuple[torch.Tensor, torch.Tensor] | None = None
+           ) -> torch.Tensor:
+    """Apply RoPE to x [..., T, H, D] at positions start..start+T-1, or at the positions whose
+    tables_at() are given."""
+    cos, sin = tables or _tables(float(theta), x.shape[-1], int(start), x.shape[-3], x.device)  # [T, 1, D]
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
