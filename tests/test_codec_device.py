@@ -77,3 +77,15 @@ def test_a_batched_rebuild_equals_one_rebuild_per_request():
         kb, vb = fold.rebuild_layer(layer, b, start=PS)
         for got, want in ((k, torch.cat([ka, kb])), (v, torch.cat([va, vb]))):
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_pages_on_a_device_equals_the_cpu_decode(device):
+    enc, _, _ = _setup()
+    codes = enc.encode(_states(3 * PS + 2))  # three full pages and a partial last one
+    blobs = wire.encode_pages(enc, codes, b"d" * 16, PS, full_pages_only=False)
+    want = wire.decode_pages(enc, blobs, b"d" * 16, PS)
+    got = wire.decode_pages(enc, blobs, b"d" * 16, PS, layout=PageLayout(enc.widths_array(), PS, device))
+    assert all(got[s].device.type == device and torch.equal(got[s].cpu(), want[s]) for s in want)
+    with pytest.raises(wire.WireError):  # pages are checked before anything is copied
+        wire.decode_pages(enc, [blobs[0][:-1]], b"d" * 16, PS, layout=PageLayout(enc.widths_array(), PS, device))

@@ -23,6 +23,7 @@ import torch
 
 from sgl_scd.codec import quant
 from sgl_scd.codec.codec import ProducerEncoder, Slot
+from sgl_scd.codec.device import PageLayout
 
 MAGIC = b"SCDW"
 VERSION = 1
@@ -114,10 +115,11 @@ def valid_prefix(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: byt
 
 
 def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: bytes,
-                 page_size: int, first_page: int = 0) -> dict[Slot, torch.Tensor]:
+                 page_size: int, first_page: int = 0, layout: PageLayout | None = None) -> dict[Slot, torch.Tensor]:
     """Concatenated codes of consecutive pages first_page, first_page + 1, ... (every page checked
     first, WireError on the first bad one; full pages are unpacked together, a shorter last page
-    on its own)."""
+    on its own). layout: a device.PageLayout of full pages: they are copied to its device and
+    unpacked there (codes on that device; a partial last page is unpacked on the CPU and moved)."""
     if not blobs:
         raise ValueError("no pages to decode")
     checked = [_check_page(encoder, b, codec_digest, first_page + i, page_size) for i, b in enumerate(blobs)]
@@ -125,6 +127,16 @@ def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: byt
     full = [p for n, p in checked if n == page_size]
     if any(n != page_size for n, _ in checked[:-1]):
         raise WireError("only the last page of a prompt may be partial")
+    if layout is not None:
+        if layout.num_tokens != page_size or layout.columns != len(widths):
+            raise ValueError(f"layout of {layout.num_tokens} x {layout.columns} does not fit pages of "
+                             f"{page_size} x {len(widths)}")
+        dev = layout.lo.device
+        parts = [layout.unpack(torch.frombuffer(bytearray(b"".join(full)), dtype=torch.uint8)
+                               .view(len(full), -1).to(dev, non_blocking=True))] if full else []
+        if checked[-1][0] != page_size:
+            parts.append(torch.from_numpy(quant.unpack_bits(checked[-1][1], checked[-1][0], widths)).to(dev))
+        return encoder.split(parts[0] if len(parts) == 1 else torch.cat(parts))
     parts = [quant.unpack_pages(full, page_size, widths)] if full else []
     if checked[-1][0] != page_size:
         parts.append(quant.unpack_bits(checked[-1][1], checked[-1][0], widths))

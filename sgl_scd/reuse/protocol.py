@@ -16,6 +16,7 @@ import torch
 
 from sgl_scd.codec import wire
 from sgl_scd.codec.codec import Slot
+from sgl_scd.codec.device import PageLayout
 from sgl_scd.codec.manifest import Adapter, Encoder
 from sgl_scd.codec.states import ProducerStates
 from sgl_scd.reuse.policy import usable_pages
@@ -91,13 +92,18 @@ class Fetched:
 class Consumer:
     """One adapter's side of a published code set: promise, fetch, validate, decode."""
 
-    def __init__(self, adapter: Adapter, store: PrefixStore, *, label: str | None = None, enabled: bool = True):
+    def __init__(self, adapter: Adapter, store: PrefixStore, *, label: str | None = None, enabled: bool = True,
+                 device: torch.device | str | None = None):
+        """device: where fetched codes are unpacked (codec.device.PageLayout; default the CPU's
+        numpy path), e.g. the GPU that rebuilds from them."""
         _check_store(adapter.encoder, store)
         self.adapter, self.store = adapter, store
         self.label = check_adapter(label or adapter.name)
         self.enabled = enabled
         self.page_size = adapter.encoder.page_size
         self.max_tokens = adapter.manifest.max_tokens
+        enc = adapter.encoder
+        self.layout = PageLayout(enc.codec.widths_array(), self.page_size, device) if device is not None else None
 
     def usable(self, num_tokens: int, first_page: int = 0) -> tuple[int, str | None]:
         """Pages after first_page this request may reuse, and "beyond_calibration" when the bound cut them."""
@@ -126,7 +132,8 @@ class Consumer:
                            self.label, first_page + n, err, n)
             self.store.record_rejected(adapter=self.label, pages=len(blobs) - n, cause="wire")
             cause = "wire"
-        codes = wire.decode_pages(enc.codec, blobs[:n], enc.digest, self.page_size, first_page) if n else None
+        codes = wire.decode_pages(enc.codec, blobs[:n], enc.digest, self.page_size, first_page,
+                                  self.layout) if n else None
         return Fetched(first_page, n, usable, codes, sum(len(b) for b in blobs[:n]), cause)
 
     def record_gate(self, pages: int) -> None:

@@ -202,7 +202,8 @@ class ScdLinker(UnifiedCacheLinker):
             adapter = load_adapter(Path(path), self.encoder)
             self._check_pool(adapter.manifest.consumer, f"adapter {name}'s consumer")
             self.consumers[name] = Consumer(adapter, self.store, label=name,
-                                            enabled=name not in self.settings.disabled)
+                                            enabled=name not in self.settings.disabled,
+                                            device=kv.device if torch.device(kv.device).type == "cuda" else None)
         self.lora_names = lora_names(server_args)
         hidden = self.encoder.manifest.producer.hidden_size
         self.patch_inputs = (PatchInputs(self.encoder.manifest.h_layers, kv.size + kv.page_size, hidden,
