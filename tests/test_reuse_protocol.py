@@ -121,3 +121,14 @@ def test_the_background_publisher_publishes_and_drops_when_full(adapter, store):
     assert [d[0] for d in done if d[2] is None] == [3, 3]
     assert Consumer(adapter, store).fetch(ids[1] + [7]).pages == 3
     worker.close()
+
+
+def test_the_device_paths_publish_and_fetch_what_the_cpu_reference_does(adapter, store):
+    """Publisher(device=) encodes and packs in torch ops, Consumer(device=) unpacks in torch ops:
+    on the CPU they give the reference's bytes and codes exactly (the GPU's run: scripts/gpu_run.sh)."""
+    states = _states(3 * PS + 1, start=PS)
+    assert Publisher(adapter.encoder, store, device="cpu").encode(states) == Publisher(adapter.encoder, store).encode(states)
+    ids = _publish(adapter, store, 4 * PS + 1)
+    want = Consumer(adapter, store).fetch(ids)
+    got = Consumer(adapter, store, device="cpu").fetch(ids)
+    assert got.pages == want.pages == 4 and all(torch.equal(got.codes[s], want.codes[s]) for s in want.codes)

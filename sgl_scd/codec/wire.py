@@ -52,8 +52,12 @@ def encode_page(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec
     n = flat.shape[0]
     if not 0 < n <= page_size:
         raise ValueError(f"a page holds 1..{page_size} tokens, got {n}")
-    payload = quant.pack_bits(flat, encoder.widths_array())
-    header = _HEADER.pack(MAGIC, VERSION, 0, codec_digest, page_index, page_size, n, len(payload))
+    return frame_page(quant.pack_bits(flat, encoder.widths_array()), codec_digest, page_index, page_size, n)
+
+
+def frame_page(payload: bytes, codec_digest: bytes, page_index: int, page_size: int, num_tokens: int) -> bytes:
+    """One page's blob around its packed payload (header + payload + CRC)."""
+    header = _HEADER.pack(MAGIC, VERSION, 0, codec_digest, page_index, page_size, num_tokens, len(payload))
     return header + payload + _CRC.pack(zlib.crc32(header + payload))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from sgl_scd.codec import wire
 from sgl_scd.codec.codec import Slot
-from sgl_scd.codec.device import PageLayout
+from sgl_scd.codec.device import DeviceEncoder, PageLayout
 from sgl_scd.codec.manifest import Adapter, Encoder
 from sgl_scd.codec.states import ProducerStates
 from sgl_scd.reuse.policy import usable_pages
@@ -47,10 +47,17 @@ def _check_store(encoder: Encoder, store: PrefixStore) -> None:
 class Publisher:
     """The producer side: encode full pages of a prompt's states and publish them."""
 
-    def __init__(self, encoder: Encoder, store: PrefixStore, label: str = "base"):
+    def __init__(self, encoder: Encoder, store: PrefixStore, label: str = "base",
+                 device: torch.device | str | None = None):
+        """device: encode and pack on it (codec.device; only the packed pages come to the host),
+        for states that live there (a GPU's KV pool); default the CPU reference path."""
         _check_store(encoder, store)
         self.encoder, self.store, self.label = encoder, store, check_adapter(label)
         self.page_size = encoder.page_size
+        self.device_encoder = self.layout = None
+        if device is not None:
+            self.device_encoder = DeviceEncoder(encoder.codec, device)
+            self.layout = PageLayout(encoder.codec.widths_array(), self.page_size, device)
 
     def encode(self, states: ProducerStates) -> list[bytes]:
         """Page blobs of the full pages of states (which must start on a page boundary)."""
@@ -59,7 +66,13 @@ class Publisher:
         full = states.num_tokens // self.page_size * self.page_size
         if full == 0:
             return []
-        codes = self.encoder.codec.encode(states.slice(0, full) if full < states.num_tokens else states)
+        states = states.slice(0, full) if full < states.num_tokens else states
+        first = states.start // self.page_size
+        if self.device_encoder is not None:
+            packed = self.layout.pack(self.device_encoder.encode(states)).cpu().numpy()  # [pages, bytes]
+            return [wire.frame_page(row.tobytes(), self.encoder.digest, first + i, self.page_size, self.page_size)
+                    for i, row in enumerate(packed)]
+        codes = self.encoder.codec.encode(states)
         return wire.encode_pages(self.encoder.codec, codes, self.encoder.digest, self.page_size,
                                  first_page=states.start // self.page_size)
 

@@ -196,14 +196,16 @@ class ScdLinker(UnifiedCacheLinker):
         timeout = self.settings.store_timeout_s
         self.store = open_store(self.settings.store_url, store_identity(self.encoder),
                                 timeouts=Timeouts(connect_s=timeout, op_s=timeout))
-        self.publisher = Publisher(self.encoder, self.store) if self.settings.publish else None
+        on_gpu = torch.device(kv.device).type == "cuda"
+        self.publisher = (Publisher(self.encoder, self.store, device=kv.device if on_gpu else None)
+                          if self.settings.publish else None)
         self.consumers: dict[str, Consumer] = {}
         for name, path in self.settings.adapters.items():
             adapter = load_adapter(Path(path), self.encoder)
             self._check_pool(adapter.manifest.consumer, f"adapter {name}'s consumer")
             self.consumers[name] = Consumer(adapter, self.store, label=name,
                                             enabled=name not in self.settings.disabled,
-                                            device=kv.device if torch.device(kv.device).type == "cuda" else None)
+                                            device=kv.device if on_gpu else None)
         self.lora_names = lora_names(server_args)
         hidden = self.encoder.manifest.producer.hidden_size
         self.patch_inputs = (PatchInputs(self.encoder.manifest.h_layers, kv.size + kv.page_size, hidden,
@@ -353,8 +355,9 @@ class ScdLinker(UnifiedCacheLinker):
             if pages == 0:
                 return True
         n = pages * self.page_size
-        states = ProducerStates(k[:, :n].float().cpu(), v[:, :n].float().cpu(),
-                                {layer: x[:n].float().cpu() for layer, x in h.items()},
+        # on a GPU the publisher encodes where the pool is; the CPU reference path takes fp32 copies
+        take = (lambda x: x) if self.publisher.device_encoder is not None else (lambda x: x.float().cpu())
+        states = ProducerStates(take(k[:, :n]), take(v[:, :n]), {layer: take(x[:n]) for layer, x in h.items()},
                                 self.encoder.codec.theta, job.first_page * self.page_size)
         # ids are only used to hash when hashes are not given: SGLang's own hashes are.
         blobs = self.publisher.encode(states)
