@@ -89,3 +89,18 @@ def test_decode_pages_on_a_device_equals_the_cpu_decode(device):
     assert all(got[s].device.type == device and torch.equal(got[s].cpu(), want[s]) for s in want)
     with pytest.raises(wire.WireError):  # pages are checked before anything is copied
         wire.decode_pages(enc, [blobs[0][:-1]], b"d" * 16, PS, layout=PageLayout(enc.widths_array(), PS, device))
+
+
+def test_a_random_decoder_has_the_plan_a_real_fold_has():
+    """FoldedDecoder.random (timing at model sizes nothing was calibrated for) must do a real
+    rebuild's arithmetic: the same steps, inputs and matmul / MLP shapes as folding a decoder."""
+    from sgl_scd.codec.codec import context_inputs
+
+    enc, dec, proj = _setup()
+    real = FoldedDecoder(dec, enc, proj)
+    fake = FoldedDecoder.random(enc, context_inputs(enc.slots, "kv+h"), {"h": 16}, 1e6, real.kv_heads, real.head_dim)
+    shapes = lambda f: [[(st.inputs, st.a.shape, st.cols, [(m.up.shape, m.down.shape, m.cols) for m in st.mlps])
+                         for st in steps] for steps in f.plan]
+    assert shapes(fake) == shapes(real)
+    k, v = fake.rebuild(enc.encode(_states(2 * PS)))
+    assert k.shape == v.shape == (real.num_layers, 2 * PS, real.kv_heads, real.head_dim)

@@ -103,6 +103,36 @@ class FoldedDecoder:
                          (v, slice(kv_dim, 2 * kv_dim), _fold(decoder.translator(v), levels[v]))]
             self.plan.append(self._merge(decoder.inputs, parts))
 
+    @classmethod
+    def random(cls, encoder: ProducerEncoder, inputs: dict[Slot, tuple[Slot, ...]], hidden: dict[str, int],
+               theta: float, kv_heads: int, head_dim: int, generator: torch.Generator | None = None
+               ) -> FoldedDecoder:
+        """A decoder with the plan (steps, matmul and MLP shapes) that folding a decoder of these
+        inputs and MLP widths gives, and random maps: a rebuild of real arithmetic for timing at
+        model sizes nothing was calibrated for (folding a real one composes in float64)."""
+        self = cls.__new__(cls)
+        self.theta, self.kv_heads, self.head_dim = theta, kv_heads, head_dim
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        kv_dim = kv_heads * head_dim
+        rank = {s: e.rank for s, e in encoder.slots.items()}
+
+        def maps(slot: Slot, out: int):
+            r = sum(rank[i] for i in inputs[slot])
+            rnd = lambda *shape: torch.randn(*shape, generator=generator) * r ** -0.5
+            m = hidden.get(slot.kind, 0)
+            return rnd(r, out), torch.zeros(out), (rnd(r, m), torch.zeros(m), rnd(m, out)) if m else None
+
+        self.plan = []
+        for layer in range(1 + max(s.layer for s in encoder.slots)):
+            h = Slot(layer, "h")
+            if h in rank:
+                parts = [(h, slice(0, 2 * kv_dim), maps(h, 2 * kv_dim))]
+            else:
+                k, v = Slot(layer, "k"), Slot(layer, "v")
+                parts = [(k, slice(0, kv_dim), maps(k, kv_dim)), (v, slice(kv_dim, 2 * kv_dim), maps(v, kv_dim))]
+            self.plan.append(cls._merge(inputs, parts))
+        return self
+
     @property
     def num_layers(self) -> int:
         return len(self.plan)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from sgl_scd.codec.codec import (
-    ConsumerDecoder,
     ProducerEncoder,
     SlotEncoder,
     context_inputs,
@@ -27,7 +26,6 @@ from sgl_scd.codec.codec import (
 )
 from sgl_scd.codec.fold import FoldedDecoder
 from sgl_scd.codec.manifest import Adapter
-from sgl_scd.codec.states import ConsumerProjections, KVProjection
 
 
 @dataclass(frozen=True)
@@ -114,22 +112,28 @@ class CodecProfile:
                             dtype=torch.int32)
 
     def patch_layers(self, layers: int) -> list[int]:
-        return sorted({min(layers - 1, round(d * layers)) for d in self.patch_depths})
+        """The patch depths at a depth of `layers`, each on a layer of its own (the nearest free one
+        on a collision); models of fewer than twice as many layers (smoke tests) keep every other."""
+        depths = self.patch_depths if 2 * len(self.patch_depths) <= layers else self.patch_depths[::2][: layers // 2]
+        out: list[int] = []
+        for d in depths:
+            want = min(layers - 1, round(d * layers))
+            out.append(min((p for p in range(layers) if p not in out), key=lambda p: (abs(p - want), p)))
+        return sorted(out)
 
 
 # adapters/quick-ft on its encoder adapters/quick-encoder (make adapters-quick), read with
-# CodecProfile.of: 0.238x raw bf16 KV on SmolLM2-135M.
+# CodecProfile.of: 0.238x raw bf16 KV on SmolLM2-135M, patch layers 18-24 and 27 of 30.
 DEMO_PROFILE = CodecProfile(
-    rank={"k": 0.0, "v": 0.0, "h": 0.0},
-    widths={"k": {1: 1.0}, "v": {1: 1.0}, "h": {1: 1.0}},
-    patch_depths=(),
-    source="adapters/quick-ft",
+    rank={"k": 0.8864, "v": 0.9631, "h": 1.0},
+    widths={"k": {1: 0.1389, 2: 0.2001, 3: 0.2214, 4: 0.1907, 5: 0.1338, 6: 0.0694, 7: 0.0326, 8: 0.0131},
+            "v": {1: 0.1421, 2: 0.2303, 3: 0.2466, 4: 0.2001, 5: 0.1241, 6: 0.047, 7: 0.0088, 8: 0.001},
+            "h": {1: 0.0085, 2: 0.1682, 3: 0.2637, 4: 0.2266, 5: 0.1543, 6: 0.0946, 7: 0.0549, 8: 0.0293}},
+    patch_depths=tuple(p / 30 for p in (18, 19, 20, 21, 22, 23, 24, 27)),
+    hidden={"h": 256 / 576},
+    context="kv+h",
+    source="adapters/quick-ft (make adapters-quick)",
 )
-
-
-def _orthonormal(d: int, r: int, g: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, r, generator=g))
-    return q.contiguous()
 
 
 def synthetic_codec(shape: Shape, profile: CodecProfile, consumer_theta: float | None = None, seed: int = 0
@@ -143,24 +147,13 @@ def synthetic_codec(shape: Shape, profile: CodecProfile, consumer_theta: float |
     encs = {}
     for s in slots:
         w = profile.slot_widths(s.kind, dim[s.kind])
-        encs[s] = SlotEncoder(torch.zeros(dim[s.kind]), _orthonormal(dim[s.kind], len(w), g),
-                              torch.ones(len(w)), w)
+        basis = torch.randn(dim[s.kind], len(w), generator=g) * dim[s.kind] ** -0.5  # timing needs no PCA
+        encs[s] = SlotEncoder(torch.zeros(dim[s.kind]), basis, torch.ones(len(w)), w)
     enc = ProducerEncoder(encs, shape.theta)
-    dims = {s: (e.rank, dim[s.kind]) for s, e in enc.slots.items()}
     hidden = {k: max(1, round(f * dim[k])) for k, f in profile.hidden.items()}
-    dec = ConsumerDecoder(dims, hidden, theta_c, shape.kv_heads, shape.head_dim,
-                          context_inputs(enc.slots, profile.context))
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.normal_(0, 0.02, generator=g)
-    scale = shape.hidden ** -0.5
-    proj = ConsumerProjections(theta_c, shape.kv_heads, shape.head_dim, {
-        layer: KVProjection(torch.randn(shape.kv_dim, shape.hidden, generator=g) * scale,
-                            torch.randn(shape.kv_dim, shape.hidden, generator=g) * scale,
-                            torch.zeros(shape.kv_dim) if shape.qkv_bias else None,
-                            torch.zeros(shape.kv_dim) if shape.qkv_bias else None)
-        for layer in enc.patch_layers})
-    return enc, FoldedDecoder(dec, enc, proj)
+    fold = FoldedDecoder.random(enc, context_inputs(enc.slots, profile.context), hidden, theta_c,
+                                shape.kv_heads, shape.head_dim, g)
+    return enc, fold
 
 
 def random_model(shape: Shape, device, dtype: torch.dtype):
