@@ -8,8 +8,9 @@ Per model shape, prompt length T and batch B (B sequences of T tokens, each foll
   encode_s    producer: codes of K (after RoPE) / V / h on the device, pages packed, copied to the
               host and framed (checksum): what it publishes
   validate_s  consumer: every fetched page's frame and checksum on the host (a thread per core)
-  h2d_s       consumer: the payloads to the device
-  unpack_s    consumer: payloads -> integer codes on the device
+  h2d_s       consumer: the payloads to the device (0 on CPU)
+  unpack_s    consumer: payloads -> integer codes (torch ops on a GPU, numpy on CPU: the paths
+              each serves with)
   rebuild_s   consumer: the folded decoder, codes -> its K/V of every layer (RoPE, patch layers'
               predictors and its own projections), the B requests in one pass per layer
   suffix_s    consumer: the suffix run on the rebuilt cache (the transformers cache built from it)
@@ -48,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare copy of the repo too
 
-from sgl_scd.codec import wire
+from sgl_scd.codec import quant, wire
 from sgl_scd.codec.device import DeviceEncoder, PageLayout
 from sgl_scd.codec.manifest import load_adapter
 from sgl_scd.codec.states import ProducerStates
@@ -141,6 +142,7 @@ def measure(model, enc, folds, timer, pool, tokens: int, batch: int, suffix: int
     states = ProducerStates(rnd(layers, n, heads, hd), rnd(layers, n, heads, hd),
                             {layer: rnd(n, cfg.hidden_size) for layer in enc.patch_layers}, enc.theta)
     denc, layout = DeviceEncoder(enc, device, dtype), PageLayout(enc.widths_array(), PAGE, device)
+    widths = enc.widths_array()
     digest = b"\0" * 16
     positions = torch.arange(tokens).repeat(batch)
     kbuf = torch.empty(layers, n, heads, hd, device=device, dtype=dtype)
@@ -174,10 +176,14 @@ def measure(model, enc, folds, timer, pool, tokens: int, batch: int, suffix: int
             blobs, t["encode_s"] = timer(encode)
             payload, t["validate_s"] = timer(validate, blobs, pool)
             host = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(-1, layout.page_bytes)
-            if device.type == "cuda":
+            if device.type == "cuda":  # torch ops on the GPU (codec/device.py)
                 host = host.pin_memory()
-            dev, t["h2d_s"] = timer(lambda h: h.to(device, non_blocking=True), host)
-            codes, t["unpack_s"] = timer(layout.unpack, dev)
+                dev, t["h2d_s"] = timer(lambda h: h.to(device, non_blocking=True), host)
+                codes, t["unpack_s"] = timer(layout.unpack, dev)
+            else:  # the CPU's own path: numpy's strided unpack beats a gather there
+                dev, t["h2d_s"] = host, 0.0
+                codes, t["unpack_s"] = timer(lambda h: torch.from_numpy(quant.unpack_pages(
+                    list(h.numpy()), PAGE, widths)), host)
             rebuilds, suffixes = [], []
             for fold in folds:  # N adapters decode the one fetched code set
                 _, s = timer(rebuild, fold, codes)
@@ -213,13 +219,15 @@ def measure(model, enc, folds, timer, pool, tokens: int, batch: int, suffix: int
 def codec_for(shape, args, device, dtype):
     """(encoder, [folded decoder per adapter], codec source) for a shape."""
     adapter = load_adapter(Path(args.adapter)) if args.adapter else None
-    if adapter is not None and shape == SHAPES["smollm2-135m"]:
+    if adapter is not None and shape == SHAPES["smollm2-135m"] and not args.decoder_context:
         proj = adapter.projections()
         if proj is None:
             raise SystemExit(f"{args.adapter} has no projections.safetensors: recalibrate it (make adapters-quick)")
         folds = [adapter.fold(proj).to(device, dtype) for _ in range(args.adapters_n)]
         return adapter.encoder.codec, folds, str(adapter.path)
     profile = CodecProfile.of(adapter) if adapter is not None else DEMO_PROFILE
+    if args.decoder_context:
+        profile = dataclasses.replace(profile, context=args.decoder_context)
     made = [synthetic_codec(shape, profile, seed=i) for i in range(args.adapters_n)]
     return made[0][0], [f.to(device, dtype) for _, f in made], f"synthetic, scaled from {profile.source}"
 
@@ -246,6 +254,9 @@ def main(argv=None) -> None:
                    help="link speeds for TTFT, Gbit/s (default 10,25,100,200,400)")
     p.add_argument("--adapter", help="a calibrated adapter dir: SmolLM2-135M uses its codec, the other "
                                      "shapes its profile (default: the built-in demo profile)")
+    p.add_argument("--decoder-context", choices=("own", "kv", "kv+h"),
+                   help="time a synthetic decoder of this context instead of the profile's (what each "
+                        "reuse layer's decoder reads; codec.context_inputs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="start no new point after this many seconds (a bounded GPU lease)")
@@ -283,7 +294,8 @@ def main(argv=None) -> None:
                 enc, folds, source = codec_for(shape, args, device, dtype)
                 for t in tokens:
                     for b in batches:
-                        config = {"shape": name, "weights": "random", "codec_source": source, "dtype": str(dtype),
+                        config = {"shape": name, "weights": "random", "codec_source": source,
+                                  "decoder_context": args.decoder_context or "as calibrated", "dtype": str(dtype),
                                   "device": device_name, "page_size": PAGE, "layers": model.config.num_hidden_layers,
                                   "vocab": model.config.vocab_size, "repeats": args.repeats,
                                   "peak_hbm_gbs": hbm, "peak_bf16_tflops": tflops}

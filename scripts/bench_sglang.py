@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
-from demo_workload import ask, stories  # scripts/ is on sys.path when this file runs
+from demo_workload import ask  # scripts/ is on sys.path when this file runs
 
 from sgl_scd.demo import data
 from sgl_scd.evaluation import quality
@@ -139,9 +139,9 @@ def main(argv=None) -> None:
                           "--port", str(args.port), "--", "--enable-cache-report", *passthrough],
                          check=True, capture_output=True, text=True).stdout
     cmds = [shlex.split(line) for line in out.strip().splitlines()]
-    sets = {"tomi": stories(data.load_tomi("test"), args.stories)}
+    sets = {"tomi": data.stories(data.load_tomi("test"), args.stories)}
     if args.hitom_stories:
-        sets["hitom"] = stories(data.load_hitom("eval")[::-1], args.hitom_stories)
+        sets["hitom"] = data.stories(data.load_hitom("eval")[::-1], args.hitom_stories)
     hit = run_phase(cmds, sets, args.max_tokens, flush=False, timeout_s=args.start_timeout)
     own = run_phase([without_linker(c) for c in cmds], sets, args.max_tokens, flush=True,
                     timeout_s=args.start_timeout)

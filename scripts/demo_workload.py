@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
 import openai
@@ -34,14 +33,6 @@ from tqdm import tqdm
 from sgl_scd.demo import data
 from sgl_scd.evaluation import quality
 from sgl_scd.runinfo import provenance
-
-
-def stories(items: list[data.QAItem], n: int, min_questions: int = 2) -> list[list[data.QAItem]]:
-    """The first n stories (in the split's order) with at least min_questions questions."""
-    by_story: dict[str, list[data.QAItem]] = defaultdict(list)
-    for it in items:
-        by_story[it.context].append(it)
-    return [qs for qs in by_story.values() if len(qs) >= min_questions][:n]
 
 
 def _free_port() -> int:
@@ -165,9 +156,9 @@ def main(argv=None) -> None:
     for flag in ("stories", "hitom_stories", "max_tokens"):
         if getattr(args, flag) < 0 or (flag != "hitom_stories" and getattr(args, flag) < 1):
             p.error(f"--{flag.replace('_', '-')}: got {getattr(args, flag)}")
-    sets = {"tomi": stories(data.load_tomi("test"), args.stories)}
+    sets = {"tomi": data.stories(data.load_tomi("test"), args.stories)}
     if args.hitom_stories:
-        sets["hitom"] = stories(data.load_hitom("eval")[::-1], args.hitom_stories)  # the shortest first
+        sets["hitom"] = data.stories(data.load_hitom("eval")[::-1], args.hitom_stories)  # the shortest first
     proc, url = (None, args.url) if args.url else start_server(launch_args, args.start_timeout)
     try:
         result = run(url, sets, args.max_tokens)

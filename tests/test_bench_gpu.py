@@ -56,8 +56,9 @@ def test_the_bench_times_every_stage_and_writes_lines_and_a_plot(tmp_path):
         assert r["config"]["weights"] == "random" and r["config"]["layers"] == 4 and r["git_sha"]
         if "skipped" in r:
             continue
-        assert all(r[k] > 0 for k in ("prefill_s", "prefix_s", "encode_s", "validate_s", "h2d_s", "unpack_s",
+        assert all(r[k] > 0 for k in ("prefill_s", "prefix_s", "encode_s", "validate_s", "unpack_s",
                                       "rebuild_s", "suffix_s", "unpack_gbs", "rebuild_tflops"))
+        assert r["h2d_s"] == 0.0  # on the CPU the payloads are unpacked where they landed
         assert set(r["speedup"]) == {"10", "25", "100", "200", "400"}
         assert r["speedup"]["400"] > r["speedup"]["10"]  # a faster link never hurts
         pages = r["batch"] * r["tokens"] // 16

@@ -246,6 +246,11 @@ def save_encoder(out: Path, manifest: EncoderManifest, encoder: ProducerEncoder)
 def save_adapter(out: Path, manifest: AdapterManifest, decoder: ConsumerDecoder) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, out / "decoder.safetensors")
+    save_adapter_manifest(out, manifest)
+
+
+def save_adapter_manifest(out: Path, manifest: AdapterManifest) -> None:
+    """(Re)write an adapter dir's manifest alone, e.g. a gate threshold chosen on dev later."""
     (out / ADAPTER_FILE).write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
 
 

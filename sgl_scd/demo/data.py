@@ -127,6 +127,25 @@ def load_hitom(split: str = "eval") -> list[QAItem]:
     return items
 
 
+def load_hitom_dev() -> list[QAItem]:
+    """Every question of the Hi-ToM stories calibration holds out for its own dev (every 5th
+    story of the calib split; calibrate.builtin_long_prompts): where shared-prefix choices are
+    tuned, never on the eval split."""
+    items = load_hitom("calib")
+    first = list(dict.fromkeys(it.context for it in items))  # stories in the split's order
+    dev = set(first[::5])
+    return [it for it in items if it.context in dev]
+
+
+def stories(items: list[QAItem], n: int, min_questions: int = 2) -> list[list[QAItem]]:
+    """The first n stories (in the items' order) with at least min_questions questions, each
+    story's questions in that order: a shared-prefix workload (one story, several questions)."""
+    by_story: dict[str, list[QAItem]] = {}
+    for it in items:
+        by_story.setdefault(it.context, []).append(it)
+    return [qs for qs in by_story.values() if len(qs) >= min_questions][:n]
+
+
 def chat_messages(item: QAItem) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.user_text}]
 

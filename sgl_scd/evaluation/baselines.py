@@ -46,11 +46,32 @@ def kivi_quantize(k: torch.Tensor, v: torch.Tensor, bits: int = 4, group: int = 
     return k_hat, v_hat, per_token
 
 
-def kivi_method(bits: int = 4):
+def consumer_keys(p, k: torch.Tensor) -> torch.Tensor:
+    """The producer's keys [L, T, H, D] re-rotated to the consumer's RoPE base (the free fix for a
+    RoPE-changed pair; the identity when the bases agree)."""
+    theta_c, theta_p = rope.rope_theta(p.consumer.config), p.producer_capture.theta
+    return k if theta_c == theta_p else rope.rotate(rope.derotate(k, theta_p), theta_c)
+
+
+def rerotated_kv(p) -> runtime.Continuation:
+    """raw_kv with the keys re-rotated to the consumer's RoPE base."""
+    cap = p.producer_capture
+    t0 = time.perf_counter()
+    k = consumer_keys(p, cap.k)
+    rebuild_s = time.perf_counter() - t0
+    out = p.continue_consumer(k, cap.v)
+    out.timings.update(rebuild_s=rebuild_s, tokens=cap.num_tokens, payload_bytes=cap.k.numel() * 2 * BF16)
+    return out
+
+
+def kivi_method(bits: int = 4, rerotate: bool = False):
+    """KIVI-style quantized producer KV; rerotate: its keys re-rotated to the consumer's RoPE base."""
     def run(p) -> runtime.Continuation:
         cap = p.producer_capture
         t0 = time.perf_counter()
         k, v, per_tok = kivi_quantize(cap.k, cap.v, bits)
+        if rerotate:
+            k = consumer_keys(p, k)
         rebuild_s = time.perf_counter() - t0
         out = p.continue_consumer(k, v)
         out.timings.update(rebuild_s=rebuild_s, payload_bytes=per_tok * cap.num_tokens, tokens=cap.num_tokens)
@@ -81,10 +102,7 @@ def recompute_window(consumer_model, resid: torch.Tensor, start: int, end: int
 
 def droidspeak_kv(p, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     cap = p.producer_capture
-    theta_c = rope.rope_theta(p.consumer.config)
-    k = cap.k if cap.theta == theta_c else rope.rotate(rope.derotate(cap.k, cap.theta), theta_c)
-    v = cap.v.clone()
-    k = k.clone()
+    k, v = consumer_keys(p, cap.k).clone(), cap.v.clone()
     kw, vw = recompute_window(p.consumer.model, cap.resid[start], start, start + width)
     k[start : start + width], v[start : start + width] = kw, vw
     return k, v

@@ -28,11 +28,18 @@ class PairItem:
     item: QAItem
     ids: list[int]
     max_new_tokens: int = 16
+    reuse_tokens: int | None = None  # the leading tokens methods may reuse (default: all but the last)
+
+    def __post_init__(self):
+        if self.reuse_tokens is not None and not 0 < self.reuse_tokens < len(self.ids):
+            raise ValueError(f"reuse_tokens must lie in 1..{len(self.ids) - 1}, got {self.reuse_tokens}")
 
     @cached_property
     def producer_capture(self) -> runtime.PrefillCapture:
-        """The producer's prefill of all prompt tokens but the last (the part that is shipped)."""
-        return runtime.capture_prefill(self.producer.model, self.ids[:-1], hidden=True, residual=True)
+        """The producer's prefill of the tokens that are shipped: all prompt tokens but the last, or
+        the first reuse_tokens (a shared prefix: causal, so the same K/V whatever followed it)."""
+        n = self.reuse_tokens or len(self.ids) - 1
+        return runtime.capture_prefill(self.producer.model, self.ids[:n], hidden=True, residual=True)
 
     def continue_consumer(self, k=None, v=None, min_margin: float = 0.0) -> runtime.Continuation:
         return runtime.continue_from_kv(self.consumer.model, self.consumer.tokenizer, self.ids, k, v,
@@ -54,7 +61,9 @@ def producer(p: PairItem) -> runtime.Continuation:
 
 def raw_kv(p: PairItem) -> runtime.Continuation:
     cap = p.producer_capture
-    return p.continue_consumer(cap.k, cap.v)
+    out = p.continue_consumer(cap.k, cap.v)
+    out.timings.update(rebuild_s=0.0, tokens=cap.num_tokens, payload_bytes=cap.k.numel() * 2 * 2)  # bf16 K + V
+    return out
 
 
 BASELINES: dict[str, Method] = {"oracle": oracle, "producer": producer, "raw_kv": raw_kv}
@@ -73,14 +82,17 @@ def check_compatible(producer_model: LoadedModel, consumer_model: LoadedModel) -
 @torch.inference_mode()
 def evaluate(producer_model: LoadedModel, consumer_model: LoadedModel, items: list[QAItem],
              methods: dict[str, Method], *, max_new_tokens: int = 16, desc: str = "eval",
-             on_item: Callable[[PairItem, dict], None] | None = None) -> list[dict]:
-    """Run every method on every item; one summary dict per method (oracle always included)."""
+             on_item: Callable[[PairItem, dict], None] | None = None,
+             reuse_tokens: Callable[[QAItem, list[int]], int] | None = None) -> list[dict]:
+    """Run every method on every item; one summary dict per method (oracle always included).
+    reuse_tokens(item, ids): how many leading prompt tokens the methods reuse (default all but the last)."""
     check_compatible(producer_model, consumer_model)
     methods = {"oracle": oracle, **{k: m for k, m in methods.items() if k != "oracle"}}
     scores = {name: MethodScore(name) for name in methods}
     for item in tqdm(items, desc=desc, file=sys.stderr):
-        p = PairItem(producer_model, consumer_model, item, prompt_ids(consumer_model.tokenizer, item),
-                     max_new_tokens)
+        ids = prompt_ids(consumer_model.tokenizer, item)
+        p = PairItem(producer_model, consumer_model, item, ids, max_new_tokens,
+                     reuse_tokens(item, ids) if reuse_tokens else None)
         outs = {name: fn(p) for name, fn in methods.items()}
         ref = outs["oracle"]
         for name, out in outs.items():

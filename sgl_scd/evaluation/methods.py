@@ -20,7 +20,7 @@ def scd_method(adapter: Adapter, tail: int = 0, min_margin: float = 0.0):
         raise ValueError(f"tail must be >= 0 prompt tokens, got {tail}")
 
     def run(p) -> runtime.Continuation:
-        keep = max(1, len(p.ids) - max(tail, 1))
+        keep = min(max(1, len(p.ids) - max(tail, 1)), p.producer_capture.num_tokens)
         blobs = encode_capture(adapter.encoder, p.producer_capture, tokens=keep)
         t0 = time.perf_counter()
         k, v = rebuild_kv(adapter, p.consumer.model, blobs)
