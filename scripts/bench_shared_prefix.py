@@ -83,7 +83,7 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
     SCD first-token margins with same-answer flags (what the gate is chosen from)."""
     per = {name: {"ratio": [], "reused": [], "payload": []} for name in ["oracle", *methods]}
     margins = []
-    by_item = {it.id: fn for it, fn in pairs}
+    by_item = {it.uid: fn for it, fn in pairs}
 
     def on_item(p, outs):
         prefill = outs["oracle"].forward_s
@@ -100,7 +100,7 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
             margins.append((top2_margin(outs["scd"].first_logits), same))
 
     rows = evaluate.evaluate(producer, consumer, [it for it, _ in pairs], methods, desc=desc, on_item=on_item,
-                             reuse_tokens=lambda item, ids: by_item[item.id](item, ids))
+                             reuse_tokens=lambda item, ids: by_item[item.uid](item, ids))
     for r in rows:
         d = per[r["method"]]
         r.update(compute_ratio=statistics.mean(d["ratio"]), reused_fraction=statistics.mean(d["reused"]),
