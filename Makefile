@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models models-quick adapters adapters-quick adapters-full demo serve eval bench bench-consumers bench-store redis-up redis-down test lint clean-venv
+.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
@@ -71,6 +71,12 @@ $(OWN): adapters/%-own/manifest.json: | models
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline, its own encoder)
 	$(CAL) --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
+
+# Each quick adapter's serving gate (manifest min_margin), chosen on dev splits only: the smallest
+# threshold whose gated same-answer rate on shared-prefix ToMi dev + Hi-ToM dev reaches 0.98.
+gates-quick: adapters-quick
+	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split dev --stories 12 \
+	  --choose-gate --write-gate --json out/shared_prefix_dev.jsonl
 
 demo: adapters-quick      ## main job: the OpenAI server for the base + 3 adapters of one code set, a shared-prefix workload through the openai client, a report
 	$(BIN)/python scripts/demo_workload.py -- --encoder adapters/quick-encoder
