@@ -6,8 +6,9 @@ first question and so publishes the story's full pages; every consumer answers t
 questions reusing exactly those pages (the common prefix of the two prompts, floored to whole
 pages) and prefilling the rest (question and chat tail) with its own weights. Per consumer and
 method, against the consumer's own prefill of the same prompt (the oracle): F1 / oracle F1, same
-answer (+- standard error), KL and top-1 of the first answer token, reused-token fraction,
-payload / raw bf16 KV of the reused tokens, and (rebuild + suffix) / prefill.
+answer (+- standard error), KL and top-1 of the first answer token (and KL over the later answer
+tokens, kl_answer), reused-token fraction, requests the gate prefilled, payload / raw bf16 KV of
+the reused tokens, and (rebuild + suffix) / prefill.
 
 Methods: raw_kv (the base's KV), raw_kv_rerot (its keys re-rotated to the consumer's RoPE base),
 kivi4_rerot (4-bit KIVI-style, re-rotated), droidspeak_wW (reuse the base's KV, recompute a
@@ -81,7 +82,7 @@ def pairs_of(stories, producer, consumer, page_size: int) -> list[tuple[data.QAI
 def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict]:
     """evaluate() over the pairs; per-method timing ratios, reuse fraction and payload, and the
     SCD first-token margins with same-answer flags (what the gate is chosen from)."""
-    per = {name: {"ratio": [], "reused": [], "payload": []} for name in ["oracle", *methods]}
+    per = {name: {"ratio": [], "reused": [], "payload": [], "prefilled": []} for name in ["oracle", *methods]}
     margins = []
     by_item = {it.uid: fn for it, fn in pairs}
 
@@ -93,6 +94,7 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
             t = out.timings
             per[name]["ratio"].append((t.get("rebuild_s", 0.0) + out.forward_s) / prefill)
             per[name]["reused"].append(t.get("tokens", 0) / len(p.ids))
+            per[name]["prefilled"].append(float(out.fell_back))  # the gate dropped the reused pages
             if t.get("tokens"):
                 per[name]["payload"].append(t.get("payload_bytes", 0) / (t["tokens"] * raw_per_token))
         if "scd" in outs:
@@ -104,6 +106,7 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
     for r in rows:
         d = per[r["method"]]
         r.update(compute_ratio=statistics.mean(d["ratio"]), reused_fraction=statistics.mean(d["reused"]),
+                 prefilled=statistics.mean(d["prefilled"]),
                  payload_ratio=statistics.mean(d["payload"]) if d["payload"] else 0.0,
                  same_answer_se=math.sqrt(r["same_answer"] * (1 - r["same_answer"]) / max(1, r["n"])))
     return rows, {"margins": margins}
