@@ -41,7 +41,6 @@ import os
 import statistics
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,26 +107,12 @@ def rebuild_flops(fold, tokens: int) -> float:
     return flops
 
 
-def frame(payloads: bytes, page_bytes: int, digest: bytes) -> list[bytes]:
-    """Wire blobs (header + payload + CRC) of pages packed back to back."""
-    out = []
-    for i in range(len(payloads) // page_bytes):
-        body = payloads[i * page_bytes : (i + 1) * page_bytes]
-        header = wire._HEADER.pack(wire.MAGIC, wire.VERSION, 0, digest, i, PAGE, PAGE, page_bytes)
-        out.append(header + body + wire._CRC.pack(zlib.crc32(header + body)))
-    return out
-
-
-def validate(blobs: list[bytes], pool: ThreadPoolExecutor) -> bytes:
-    """Check every frame's checksum (zlib releases the GIL: one thread per core) and join the
-    payloads, as the consumer does before trusting them."""
-    def one(b: bytes) -> memoryview:
-        n = wire._HEADER.size
-        plen = len(b) - n - wire._CRC.size
-        if wire._CRC.unpack_from(b, n + plen)[0] != zlib.crc32(memoryview(b)[: n + plen]):
-            raise wire.WireError("checksum mismatch")
-        return memoryview(b)[n : n + plen]
-    return b"".join(pool.map(one, blobs, chunksize=max(1, len(blobs) // (4 * pool._max_workers))))
+def validate(blobs: list[bytes], enc, digest: bytes, pool: ThreadPoolExecutor) -> bytes:
+    """Check every page's frame and checksum as the consumer does before trusting them (zlib
+    releases the GIL: one thread per core) and join the payloads."""
+    check = lambda i, b: wire._check_page(enc, b, digest, i, PAGE)[1]
+    return b"".join(pool.map(check, range(len(blobs)), blobs,
+                             chunksize=max(1, len(blobs) // (4 * pool._max_workers))))
 
 
 def measure(model, enc, folds, timer, pool, tokens: int, batch: int, suffix: int, repeats: int, device, dtype,
@@ -141,16 +126,15 @@ def measure(model, enc, folds, timer, pool, tokens: int, batch: int, suffix: int
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)
     states = ProducerStates(rnd(layers, n, heads, hd), rnd(layers, n, heads, hd),
                             {layer: rnd(n, cfg.hidden_size) for layer in enc.patch_layers}, enc.theta)
-    denc, layout = DeviceEncoder(enc, device, dtype), PageLayout(enc.widths_array(), PAGE, device)
+    denc, layout = DeviceEncoder(enc, device), PageLayout(enc.widths_array(), PAGE, device)  # fp32, as served
     widths = enc.widths_array()
     digest = b"\0" * 16
     positions = torch.arange(tokens).repeat(batch)
     kbuf = torch.empty(layers, n, heads, hd, device=device, dtype=dtype)
     vbuf = torch.empty_like(kbuf)
 
-    def encode():
-        payload = layout.pack(denc.encode(states)).cpu().numpy().tobytes()
-        return frame(payload, layout.page_bytes, digest)
+    def encode():  # what reuse.Publisher(device=) does, store aside
+        return wire.frame_pages(layout.pack(denc.encode(states)).cpu().numpy(), digest, PAGE)
 
     def rebuild(fold, codes):
         split, tables = enc.split(codes), fold.rope_tables(positions)
@@ -174,7 +158,7 @@ def measure(model, enc, folds, timer, pool, tokens: int, batch: int, suffix: int
             _, t["prefill_s"] = timer(lambda: model(ids, use_cache=True, logits_to_keep=1).logits)
             _, t["prefix_s"] = timer(lambda: model(ids[:, :tokens], use_cache=True, logits_to_keep=1).logits)
             blobs, t["encode_s"] = timer(encode)
-            payload, t["validate_s"] = timer(validate, blobs, pool)
+            payload, t["validate_s"] = timer(validate, blobs, enc, digest, pool)
             host = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(-1, layout.page_bytes)
             if device.type == "cuda":  # torch ops on the GPU (codec/device.py)
                 host = host.pin_memory()

@@ -61,6 +61,13 @@ def frame_page(payload: bytes, codec_digest: bytes, page_index: int, page_size: 
     return header + payload + _CRC.pack(zlib.crc32(header + payload))
 
 
+def frame_pages(packed, codec_digest: bytes, page_size: int, first_page: int = 0) -> list[bytes]:
+    """Blobs of full pages whose payloads were packed elsewhere (rows of packed, e.g. a
+    device.PageLayout.pack result copied to the host), pages first_page, first_page + 1, ..."""
+    return [frame_page(row.tobytes(), codec_digest, first_page + i, page_size, page_size)
+            for i, row in enumerate(packed)]
+
+
 def encode_pages(encoder: ProducerEncoder, codes: dict[Slot, torch.Tensor], codec_digest: bytes,
                  page_size: int, *, full_pages_only: bool = True, first_page: int = 0) -> list[bytes]:
     """Split codes of consecutive tokens starting at page first_page into page blobs (by default

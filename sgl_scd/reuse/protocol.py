@@ -70,11 +70,9 @@ class Publisher:
         first = states.start // self.page_size
         if self.device_encoder is not None:
             packed = self.layout.pack(self.device_encoder.encode(states)).cpu().numpy()  # [pages, bytes]
-            return [wire.frame_page(row.tobytes(), self.encoder.digest, first + i, self.page_size, self.page_size)
-                    for i, row in enumerate(packed)]
+            return wire.frame_pages(packed, self.encoder.digest, self.page_size, first)
         codes = self.encoder.codec.encode(states)
-        return wire.encode_pages(self.encoder.codec, codes, self.encoder.digest, self.page_size,
-                                 first_page=states.start // self.page_size)
+        return wire.encode_pages(self.encoder.codec, codes, self.encoder.digest, self.page_size, first_page=first)
 
     def publish(self, ids: list[int], states: ProducerStates, hashes: list[str] | None = None,
                 blobs: list[bytes] | None = None) -> int:

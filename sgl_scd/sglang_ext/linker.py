@@ -224,7 +224,7 @@ class ScdLinker(UnifiedCacheLinker):
             self._worker = threading.Thread(target=self._work, name="scd-publish", daemon=True)
             self._worker.start()
         self._loads: queue.Queue[tuple | None] = queue.Queue()  # batches to rebuild
-        self._stream = torch.cuda.Stream(kv.device) if torch.device(kv.device).type == "cuda" else None
+        self._stream = torch.cuda.Stream(kv.device) if on_gpu else None
         self._loader = threading.Thread(target=self._rebuild_work, name="scd-rebuild", daemon=True)
         self._loader.start()
         self._offload_node: tuple[object, int] | None = None  # (cache, node_id), set by the plugin hook
