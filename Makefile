@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-store redis-up redis-down test lint clean-venv
+.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-consumers-quick bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
@@ -68,6 +68,17 @@ adapters/demo-ft-full/manifest.json: | models
 OWN := adapters/demo-lora-own/manifest.json adapters/demo-hitom-own/manifest.json
 $(OWN): adapters/%-own/manifest.json: | models
 	$(CAL) --consumer $* --name $*-own --patch-count 8 $(RECIPE)
+
+# The quick consumers with encoders of their own (~5 min each): `make bench-consumers` at the quick recipe.
+OWN_QUICK := adapters/quick-lora-own/manifest.json adapters/quick-hitom-own/manifest.json
+$(OWN_QUICK): adapters/%-own/manifest.json: | models-quick
+	$(CAL) --consumer $* --name $*-own --patch-count 8 $(QUICK_RECIPE)
+
+bench-consumers-quick: adapters-quick $(OWN_QUICK)   ## the same comparison for `make demo`'s consumers (~35 min)
+	$(BIN)/python scripts/bench_consumers.py --encoder adapters/quick-encoder $(QUICK:%=--consumer %) \
+	  --n 100 --sets tomi --json out/consumers_quick_tomi.jsonl
+	$(BIN)/python scripts/bench_consumers.py --encoder adapters/quick-encoder $(QUICK:%=--consumer %) \
+	  --n 40 --sets hitom --json out/consumers_quick_hitom.jsonl
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline, its own encoder)
 	$(CAL) --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own

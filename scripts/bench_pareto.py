@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sgl_scd.codec.manifest import load_adapter
+from sgl_scd.codec.manifest import load_adapter, raw_kv_bytes_per_token
 from sgl_scd.demo import data
 from sgl_scd.evaluation import baselines, evaluate
 from sgl_scd.evaluation.methods import scd_method
@@ -108,8 +108,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     bws = [int(x) for x in args.bandwidths.split(",")]
     producer, consumer = models.load(args.producer), models.load(args.consumer)
-    cfg = consumer.config
-    raw = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * baselines.BF16
+    raw = raw_kv_bytes_per_token(consumer.identity())
     methods = {"raw_kv": evaluate.raw_kv, "kivi4": baselines.kivi_method(4)}
     # DroidSpeak's offline profiling on dev prompts (never the test items)
     dev = [evaluate.PairItem(producer, consumer, it, data.prompt_ids(consumer.tokenizer, it))

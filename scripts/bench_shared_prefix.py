@@ -88,8 +88,7 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
 
     def on_item(p, outs):
         prefill = outs["oracle"].forward_s
-        raw_per_token = 2 * 2 * consumer.config.num_hidden_layers * consumer.config.num_key_value_heads \
-            * consumer.config.head_dim
+        raw_per_token = mf.raw_kv_bytes_per_token(consumer.identity())
         for name, out in outs.items():
             t = out.timings
             per[name]["ratio"].append((t.get("rebuild_s", 0.0) + out.forward_s) / prefill)

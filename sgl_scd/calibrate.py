@@ -70,6 +70,7 @@ class PairCapture:
     positions: list[int]  # supervised positions (last = n - 1)
     oracle_logp: torch.Tensor  # [P, V] fp16
     answer: dict = field(default_factory=dict)  # oracle_answer(): the DistillSample answer_* fields
+    reuse: int | None = None  # trained as a shared prefix: tokens rebuilt, the rest prefilled
 
 
 def oracle_answer(consumer, ids: list[int], cap: runtime.PrefillCapture, max_tokens: int) -> dict:
@@ -87,18 +88,21 @@ def oracle_answer(consumer, ids: list[int], cap: runtime.PrefillCapture, max_tok
 
 
 def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,
-                 slots: list[Slot] | None = None, answer_tokens: int = 0, targets: bool | None = None
-                 ) -> PairCapture:
+                 slots: list[Slot] | None = None, answer_tokens: int = 0, targets: bool | None = None,
+                 reuse: int | None = None) -> PairCapture:
     """Both models' per-slot states for every prompt token, and the oracle's log-probs at
     n_positions sampled positions (always including the last).
 
     slots: only these slots (default: K, V and h of every layer). targets: also the consumer's
     states of those slots (what closed-form fits need; by default only when slots is None, as
     distilling an already fitted codec needs codes and the oracle only). answer_tokens: also
-    capture the oracle's first answer tokens (oracle_answer)."""
+    capture the oracle's first answer tokens (oracle_answer). reuse: the sample is trained as a
+    shared prefix of that many tokens (every position after it is supervised too)."""
     targets = slots is None if targets is None else targets
     n = len(ids)
     positions = sorted(rng.sample(range(n - 1), min(n_positions - 1, n - 1))) + [n - 1]
+    if reuse is not None:
+        positions = sorted(set(positions) | set(range(reuse, n)))
     if slots is None:
         slots = [Slot(layer, kind) for layer in range(producer.config.num_hidden_layers) for kind in ("k", "v", "h")]
     h_layers = sorted({s.layer for s in slots if s.kind == "h"})
@@ -114,6 +118,7 @@ def capture_pair(producer, consumer, ids: list[int], n_positions: int, rng,
         positions=positions,
         oracle_logp=torch.log_softmax(cc.sel_logits, -1).half(),
         answer=oracle_answer(consumer, ids, cc, answer_tokens) if answer_tokens > 0 else {},
+        reuse=reuse,
     )
 
 
@@ -228,7 +233,7 @@ def context_affine(train: list[PairCapture], enc: ProducerEncoder, inputs: dict[
 
 def distill_samples(enc: ProducerEncoder, caps: list[PairCapture]) -> list[distill.DistillSample]:
     return [distill.DistillSample(c.ids, {s: e.dequantize(e.encode(c.producer[s].float())) for s, e in enc.slots.items()},
-                                  c.positions, c.oracle_logp, **c.answer) for c in caps]
+                                  c.positions, c.oracle_logp, **c.answer, reuse=c.reuse) for c in caps]
 
 
 def rank_patch_layers(enc_all, affine, consumer, ident, dev: list[PairCapture], hidden) -> list[tuple[int, float]]:
@@ -292,6 +297,17 @@ def calibration_rows(args, tok) -> tuple[list, list, list, str]:
     return train_rows, dev_rows, eval_items, "builtin:tomi-train[1000:]+tomi-dev+hitom-calib"
 
 
+def shared_prefix_reuse(rows, share: float, page_size: int, tok, seed: int) -> list[int | None]:
+    """Per row, the story tokens to train it as a served shared prefix (data.story_tokens), for a
+    `share` of the rows that carry a QA item and a story of at least one page; None for the rest."""
+    rng = random.Random(seed + 1)  # apart from the position sampling, so share 0 changes nothing
+    out = []
+    for _, item in rows:
+        pick = share > 0 and rng.random() < share and item is not None
+        out.append((data.story_tokens(tok, item, page_size) or None) if pick else None)
+    return out
+
+
 def calibrate(args) -> Path:
     """Run one calibration (see the module docstring); returns the directory written."""
     torch.manual_seed(args.seed)
@@ -312,10 +328,14 @@ def calibrate(args) -> Path:
     fit_set = set(fit_idx)
     rest_rows = [r for i, r in enumerate(train_rows) if i not in fit_set]
     slots = list(published.codec.slots) if published else None
-    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng, slots, args.answer_tokens, True)
+    reuse = shared_prefix_reuse(train_rows, args.suffix_share, args.page_size, tok, args.seed)
+    rest_reuse = [r for i, r in enumerate(reuse) if i not in fit_set]
+    dev_reuse = shared_prefix_reuse(dev_rows, 1.0 if args.suffix_share > 0 else 0.0, args.page_size, tok, args.seed)
+    train = [capture_pair(producer, consumer, train_rows[i][0], args.positions, rng, slots, args.answer_tokens, True,
+                          reuse[i])
              for i in tqdm(fit_idx, desc="capture train", file=sys.stderr)]
-    dev = [capture_pair(producer, consumer, ids, 1, rng, slots, targets=True)
-           for ids, _ in tqdm(dev_rows, desc="capture dev", file=sys.stderr)]
+    dev = [capture_pair(producer, consumer, ids, 1, rng, slots, targets=True, reuse=r)
+           for (ids, _), r in tqdm(list(zip(dev_rows, dev_reuse)), desc="capture dev", file=sys.stderr)]
     ident = consumer.identity()
     hidden = {"k": args.hidden_kv, "v": args.hidden_kv, "h": args.hidden_h}
     theta = producer.identity().rope_theta
@@ -355,9 +375,10 @@ def calibrate(args) -> Path:
                 del c.producer[s], c.consumer[s]
     train_s, dev_s = distill_samples(enc, train), distill_samples(enc, dev)
     del train, dev
-    for ids, _ in tqdm(rest_rows, desc="capture rest (codes + oracle only)", file=sys.stderr):
+    for (ids, _), r in tqdm(list(zip(rest_rows, rest_reuse)), desc="capture rest (codes + oracle only)",
+                            file=sys.stderr):
         train_s += distill_samples(enc, [capture_pair(producer, consumer, ids, args.positions, rng, list(enc.slots),
-                                                      args.answer_tokens)])
+                                                      args.answer_tokens, reuse=r)])
     result = distill.distill(consumer.model, dec, train_s, dev_s, epochs=args.epochs, lr=args.lr,
                              delta_rank=args.delta_rank, long_share=args.long_share,
                              last_share=args.last_share, answer_share=args.answer_share,
@@ -374,7 +395,8 @@ def calibrate(args) -> Path:
                      "n_dev": len(dev_s), "min_tokens": min(lengths), "positions": args.positions,
                      "epochs": args.epochs, "lr": args.lr,
                      "delta_rank": args.delta_rank, "long_share": args.long_share, "last_share": args.last_share,
-                     "answer_tokens": args.answer_tokens, "answer_share": args.answer_share, "seed": args.seed,
+                     "answer_tokens": args.answer_tokens, "answer_share": args.answer_share,
+                     "suffix_share": args.suffix_share, "seed": args.seed,
                      "budget_kl": args.budget_kl, "distill": result})
     mf.save_adapter(out, man, dec)
     mf.save_projections(out, runtime.projections(consumer.model, published.manifest.h_layers))  # for SGLang
@@ -472,6 +494,11 @@ def main(argv=None) -> None:
                         "(default 0: prompt positions only)")
     p.add_argument("--answer-share", type=float, default=0.15,
                    help="share of each prompt's loss on those answer tokens (default 0.15)")
+    p.add_argument("--suffix-share", type=float, default=0.0,
+                   help="share of calibration prompts trained as a shared prefix is served: only the story's "
+                        "whole pages rebuilt, the question and answer prefilled by the consumer on them, every "
+                        "position after the story supervised; held-out prompts are then scored that way too "
+                        "(default 0: every prompt token but the last rebuilt)")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (Adam)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of closed-form decoders")
     p.add_argument("--decoder-context", type=decoder_context, default="kv+h",
@@ -501,6 +528,8 @@ def main(argv=None) -> None:
         p.error(f"--answer-tokens must be >= 0, got {args.answer_tokens}")
     if not 0 <= args.answer_share < 1:
         p.error(f"--answer-share must be in [0, 1), got {args.answer_share}")
+    if not 0 <= args.suffix_share <= 1:
+        p.error(f"--suffix-share must be in [0, 1], got {args.suffix_share}")
     if args.n_fit < 1:
         p.error(f"--n-fit must be >= 1, got {args.n_fit}")
     if args.delta_rank < 0:

@@ -239,3 +239,31 @@ def test_distill_trains_all_but_frozen_translators(base, ci_ft, small_adapter):
     assert result["epoch"] == 1
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
     assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith(prefix))
+
+
+def test_shared_prefix_objective_is_the_serving_path(base, ci_ft, small_adapter):
+    """A sample trained as a shared prefix (reuse = its story's whole pages) has, with all the
+    weight on its last position, the loss last_token_kl scores on the serving path (rebuild the
+    story pages, prefill the question on them): one batched forward where only the story reads
+    the rebuilt K/V. 1e-4 relative: fp32, a different reduction order. The same sample with every
+    token rebuilt scores differently (the objectives are not the same by accident)."""
+    import random
+
+    from sgl_scd.calibrate import capture_pair, distill_samples
+    from sgl_scd.calibration import distill
+
+    enc, dec = small_adapter.encoder.codec, small_adapter.decoder
+    items = data.load_tomi("train")[:2]
+    ids = [data.prompt_ids(base.tokenizer, it) for it in items]
+    reuse = [data.story_tokens(base.tokenizer, it, 16) for it in items]
+    caps = [capture_pair(base, ci_ft, x, 8, random.Random(0), list(enc.slots), reuse=r) for x, r in zip(ids, reuse)]
+    samples = distill_samples(enc, caps)
+    assert [s.reuse for s in samples] == reuse and all(set(range(r, len(x))) <= set(s.positions)
+                                                       for s, r, x in zip(samples, reuse, ids))
+    with torch.no_grad():
+        for s in samples:
+            loss = float(distill.batch_loss(ci_ft.model, dec, [s], [1.0], last_share=1.0))
+            serving = distill.last_token_kl(ci_ft.model, dec, [s])
+            assert loss == pytest.approx(serving, rel=1e-4, abs=1e-6)
+            whole = distill.last_token_kl(ci_ft.model, dec, [dataclasses.replace(s, reuse=None)])
+            assert abs(whole - serving) > 1e-4

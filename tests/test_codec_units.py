@@ -274,6 +274,7 @@ def test_low_rank_delta_merges_into_the_plain_form():
 @pytest.mark.parametrize("flag,value", [("--bits-per-dim", "0.0"), ("--patch-bits-per-dim", "-1.0"),
                                         ("--last-share", "1.5"), ("--delta-rank", "-2"),
                                         ("--answer-tokens", "-1"), ("--answer-share", "1.0"),
+                                        ("--suffix-share", "1.5"),
                                         ("--patch-layers", "1,x"), ("--encoder", "/nonexistent"),
                                         ("--decoder-context", "kv+h@3")])
 def test_calibrate_refuses_bad_flags_naming_the_value(flag, value, capsys):

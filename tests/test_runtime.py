@@ -102,3 +102,34 @@ def test_logits_with_kv_batched_equals_one_by_one(base, prompt):
         assert (batched[i] - c.sel_logits).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="prompt 1: K/V cover 39 tokens, ids have 40"):
         runtime.logits_with_kv(base.model, ids, [caps[0].k, caps[1].k[:, :39]], [caps[0].v, caps[1].v[:, :39]], pos)
+
+
+def test_logits_with_kv_given_prefix_equals_cache_then_prefill(base, prompt):
+    """given=[g]: the first g tokens read the given (here perturbed) K/V and the rest the model's
+    own, exactly as a cache of those g tokens followed by a prefill of the rest (the shared-prefix
+    serving path); batched with another g; 1e-4: fp32 with a different reduction order."""
+    cap = runtime.capture_prefill(base.model, prompt, hidden=False)
+    g = torch.Generator().manual_seed(0)
+    k = cap.k + 0.3 * torch.randn(cap.k.shape, generator=g)
+    v = cap.v + 0.3 * torch.randn(cap.v.shape, generator=g)
+    n, tail = len(prompt), list(range(len(prompt) - 8, len(prompt)))
+    got = runtime.logits_with_kv(base.model, [prompt, prompt], [k, k], [v, v], [tail, tail], given=[n - 8, 16])
+    for out, r in zip(got, (n - 8, 16)):
+        cache = runtime.build_cache(base.model, k[:, :r], v[:, :r])
+        with torch.no_grad():
+            ref = base.model(input_ids=torch.tensor([prompt[r:]]), position_ids=torch.tensor([list(range(r, n))]),
+                             past_key_values=cache, use_cache=True).logits[0, -8:].float()
+        assert (out - ref).abs().max().item() <= 1e-4
+    full = runtime.logits_with_kv(base.model, [prompt], [k], [v], [tail])[0]
+    assert (got[1] - full).abs().max().item() > 1e-2  # the perturbation is visible where it is read
+
+
+def test_story_tokens_is_the_page_floored_story(base):
+    """Two questions on one story share exactly story_tokens' whole pages (the prompts differ
+    inside the next page or at its start)."""
+    qs = data.stories(data.load_tomi("test"), 1)[0]
+    a, b = (data.prompt_ids(base.tokenizer, q) for q in qs[:2])
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    r = data.story_tokens(base.tokenizer, qs[0], 16)
+    assert r % 16 == 0 and 0 < r <= shared < r + 16 + 3  # +3: the two questions may share a few words
+    assert r == data.story_tokens(base.tokenizer, qs[1], 16)

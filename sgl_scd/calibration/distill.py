@@ -10,6 +10,8 @@ Supervising many positions, not only the few chat-template tokens at the end, is
 few hundred prompts from overfitting. Optionally the oracle's own greedy answer tokens are
 appended (teacher-forced, with the oracle's K/V) and their positions supervised too, so the
 rebuilt cache is also trained on what the answer's later tokens read from it (answer_share).
+A sample may carry `reuse`: then only its first `reuse` tokens (its story's whole pages) read the
+rebuilt K/V and the rest (question, answer) runs on the consumer's own, as a shared prefix is served.
 Only the decoder learns; the codes are the exact quantized codes served later.
 Model selection uses the exact serving path (last_token_kl) on held-out prompts, scored per
 length group (dev_score): a pooled mean over ~100-token and ~1k-token prompts lets one group hide
@@ -39,6 +41,7 @@ class DistillSample:
     answer_k: torch.Tensor | None = None  # [L, A, H_kv, D] the oracle's K/V of those tokens (fp16)
     answer_v: torch.Tensor | None = None
     answer_logp: torch.Tensor | None = None  # [A, V] the oracle's log-probs after each of them (fp16)
+    reuse: int | None = None  # rebuild only the first `reuse` tokens, the consumer prefills the rest
 
 
 def position_weights(p: int, last_share: float = 0.15, n_answer: int = 0, answer_share: float = 0.0
@@ -84,7 +87,10 @@ def batch_loss(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSa
     proj = consumer_projections(consumer_model, decoder)
     ids, k, v, positions, oracle_logp = zip(*(_with_answer(s, *decoder.rebuild(proj, s.z))
                                               for s in samples))
-    logits = runtime.logits_with_kv(consumer_model, list(ids), list(k), list(v), list(positions))
+    given = None
+    if any(s.reuse is not None for s in samples):  # the rest (question, answer) runs on the consumer's own K/V
+        given = [len(x) if s.reuse is None else s.reuse for s, x in zip(samples, ids)]
+    logits = runtime.logits_with_kv(consumer_model, list(ids), list(k), list(v), list(positions), given)
     total = torch.zeros(())
     for s, w, lg, lp in zip(samples, weights, logits, oracle_logp):
         kl = kl_rows(lp, lg)  # [P + A]
@@ -106,15 +112,16 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def last_token_kl(consumer_model, decoder: ConsumerDecoder, samples: list[DistillSample]) -> float:
-    """Mean KL at the first answer token when all but the last prompt token are rebuilt: the
-    serving path exactly (rebuild -> cache -> run the last token)."""
+    """Mean KL at the first answer token when all but the last prompt token (or a sample's
+    `reuse` tokens) are rebuilt: the serving path exactly (rebuild -> cache -> prefill the rest)."""
     total = 0.0
     proj = consumer_projections(consumer_model, decoder)
     for s in samples:
         n = len(s.ids)
-        k, v = decoder.rebuild(proj, {slot: z[: n - 1] for slot, z in s.z.items()})
+        r = n - 1 if s.reuse is None else s.reuse
+        k, v = decoder.rebuild(proj, {slot: z[:r] for slot, z in s.z.items()})
         cache = runtime.build_cache(consumer_model, k, v)
-        logits = consumer_model(input_ids=torch.tensor([s.ids[-1:]]), position_ids=torch.tensor([[n - 1]]),
+        logits = consumer_model(input_ids=torch.tensor([s.ids[r:]]), position_ids=torch.tensor([list(range(r, n))]),
                                 past_key_values=cache, use_cache=True).logits[0, -1].float()
         total += float(kl_rows(s.oracle_logp[-1], logits))
     return total / max(1, len(samples))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sgl_scd.settings import data_dir
@@ -156,6 +156,15 @@ def prompt_ids(tokenizer, item: QAItem) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def story_tokens(tokenizer, item: QAItem, page_size: int) -> int:
+    """Tokens of item's prompt that every other question on its story shares, floored to whole
+    pages and at most all but the last token: what a shared-prefix store holds for it (0 when the
+    story fills no page)."""
+    a, b = (prompt_ids(tokenizer, replace(item, question=q)) for q in ("A", "B"))
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return min(shared, len(prompt_ids(tokenizer, item)) - 1) // page_size * page_size
 
 
 def load_long_context(tokenizer, min_tokens: int = 1024, split: str = "eval") -> list[QAItem]:

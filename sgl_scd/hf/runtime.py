@@ -244,21 +244,26 @@ def _greedy(model, tokenizer, cache, logits: torch.Tensor, pos: int, max_new_tok
 
 
 class _ReplacedKV(DynamicCache):
-    """A cache that hands every layer's attention the given K/V [L, B, T, H_kv, D] instead of its own."""
+    """A cache that hands every layer's attention the given K/V [L, B, T, H_kv, D] instead of its
+    own; with a mask [B, 1, T, 1], only where the mask is set (elsewhere the model's own K/V)."""
 
-    def __init__(self, config, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, config, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         super().__init__(config=config)
-        self._k, self._v = k, v
+        self._k, self._v, self._mask = k, v, mask
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self._k[layer_idx].transpose(1, 2), self._v[layer_idx].transpose(1, 2)  # [B, H, T, D]
+        k, v = self._k[layer_idx].transpose(1, 2), self._v[layer_idx].transpose(1, 2)  # [B, H, T, D]
+        if self._mask is None:
+            return k, v
+        return torch.where(self._mask, k, key_states), torch.where(self._mask, v, value_states)
 
 
 def logits_with_kv(model, ids: list[list[int]], k: list[torch.Tensor], v: list[torch.Tensor],
-                   positions: list[list[int]]) -> list[torch.Tensor]:
+                   positions: list[list[int]], given: list[int] | None = None) -> list[torch.Tensor]:
     """Per prompt, logits [P, V] at the given positions of a forward over its ids in which every
     layer attends to the given K/V [L, T, H_kv, D] (causally) instead of the K/V it computes
-    itself. Differentiable in k, v.
+    itself. Differentiable in k, v. given: per prompt, only its first given[i] tokens read the
+    given K/V and the rest the model's own, as when a cached prefix is followed by a prefill.
 
     Each position's prediction then depends on the given K/V of the positions up to it: this
     supervises a K/V rebuild at every prompt position in one pass (used by distillation).
@@ -273,7 +278,8 @@ def logits_with_kv(model, ids: list[list[int]], k: list[torch.Tensor], v: list[t
     def stack(xs):  # [L, B, T, H, D], zero-padded
         return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t - x.shape[1])) for x in xs], 1).to(model.dtype)
 
-    cache = _ReplacedKV(model.config, stack(k), stack(v))
+    mask = None if given is None else (torch.arange(t)[None] < torch.tensor(given)[:, None])[:, None, :, None]
+    cache = _ReplacedKV(model.config, stack(k), stack(v), mask)
     batch = torch.tensor([x + [0] * (t - len(x)) for x in ids])
     hidden = model.model(input_ids=batch, past_key_values=cache, use_cache=True).last_hidden_state
     return [model.lm_head(hidden[b, p]).float() for b, p in enumerate(positions)]
