@@ -74,11 +74,9 @@ OWN_QUICK := adapters/quick-lora-own/manifest.json adapters/quick-hitom-own/mani
 $(OWN_QUICK): adapters/%-own/manifest.json: | models-quick
 	$(CAL) --consumer $* --name $*-own --patch-count 8 $(QUICK_RECIPE)
 
-bench-consumers-quick: adapters-quick $(OWN_QUICK)   ## the same comparison for `make demo`'s consumers (~35 min)
+bench-consumers-quick: adapters-quick $(OWN_QUICK)   ## the same comparison for `make demo`'s consumers (~30 min)
 	$(BIN)/python scripts/bench_consumers.py --encoder adapters/quick-encoder $(QUICK:%=--consumer %) \
-	  --n 100 --sets tomi --json out/consumers_quick_tomi.jsonl
-	$(BIN)/python scripts/bench_consumers.py --encoder adapters/quick-encoder $(QUICK:%=--consumer %) \
-	  --n 40 --sets hitom --json out/consumers_quick_hitom.jsonl
+	  --n 100 --sets tomi --json out/consumers_quick.jsonl
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline, its own encoder)
 	$(CAL) --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
