@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-consumers-quick bench-store redis-up redis-down test lint clean-venv
+.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-consumers-quick bench-shared-prefix-quick bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
@@ -80,6 +80,16 @@ bench-consumers-quick: adapters-quick $(OWN_QUICK)   ## the same comparison for 
 
 adapters/demo-ft-reuse/manifest.json: | models    # SCD without patch layers (benchmark baseline, its own encoder)
 	$(CAL) --producer base --consumer demo-ft --name demo-ft-reuse --patch-count 0 --n-calib 128 --n-calib-long 16 --n-dev-long 4 --epochs 2 --decoder-context own
+
+# SCD without patch layers for each quick consumer (its own encoder): the shared-prefix benchmark's scd_reuse baseline.
+REUSE_QUICK := $(QUICK:%=adapters/%-reuse/manifest.json)
+$(REUSE_QUICK): adapters/%-reuse/manifest.json: | models-quick
+	$(CAL) --consumer $* --name $*-reuse --patch-count 0 --decoder-context own $(QUICK_RECIPE)
+
+# Shared-prefix quality of the quick adapters on the test split, every baseline in one run (~80 min).
+bench-shared-prefix-quick: adapters-quick $(REUSE_QUICK)
+	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test \
+	  --sets tomi,hitom,long --stories 8 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix.jsonl
 
 # Each quick adapter's serving gate (manifest min_margin), chosen on dev splits only: the smallest
 # threshold whose gated same-answer rate on shared-prefix ToMi dev + Hi-ToM dev reaches 0.98.

@@ -13,11 +13,15 @@ the reused tokens, and (rebuild + suffix) / prefill.
 Methods: raw_kv (the base's KV), raw_kv_rerot (its keys re-rotated to the consumer's RoPE base),
 kivi4_rerot (4-bit KIVI-style, re-rotated), droidspeak_wW (reuse the base's KV, recompute a
 window of W consumer layers from the base's residual stream; the window start profiled on the dev
-split), scd, scd_gate (the adapter's manifest min_margin: near-tie answers prefilled).
+split), scd_reuse (SCD without patch layers: adapters/<adapter>-reuse, its own encoder, when it
+exists), scd, scd_recomputeP (SCD rebuilding all but the last P pages, which the consumer
+prefills itself), scd_gate (the adapter's manifest min_margin: near-tie answers prefilled).
 
-Splits: --split dev (ToMi dev; Hi-ToM: the calib split's stories calibration held out for its
-dev) is where choices are made; --split test (ToMi test; Hi-ToM eval) is measured once per
-reported change. --choose-gate (dev only) picks each adapter's gate threshold: the smallest
+Sets: tomi (ToMi stories with several questions), hitom (Hi-ToM: 5 questions per story), long
+(>= 1k-token prompts: distinct Hi-ToM stories joined, every question of the last story).
+Splits: --split dev (ToMi dev; Hi-ToM and long: the calib split's stories calibration held out
+for its dev) is where choices are made; --split test (ToMi test; Hi-ToM eval) is measured once
+per reported change. --choose-gate (dev only) picks each adapter's gate threshold: the smallest
 min_margin whose gated same-answer rate on dev reaches --gate-target, written into the adapter's
 manifest with --write-gate and used by default when serving.
 
@@ -46,12 +50,15 @@ from sgl_scd.reuse import top2_margin
 from sgl_scd.runinfo import write_jsonl
 from sgl_scd.settings import DEFAULT_ENCODER
 
-SETS = ("tomi", "hitom")
+SETS = ("tomi", "hitom", "long")
 GATE_GRID = [round(0.05 * i, 2) for i in range(21)]
 
 
-def workload(name: str, split: str, n_stories: int) -> list[list[data.QAItem]]:
+def workload(name: str, split: str, n_stories: int, tokenizer) -> list[list[data.QAItem]]:
     """Stories (each a list of questions, the producer's first) of a set's dev or test split."""
+    if name == "long":  # dev: the joined calib prompts calibration holds out (builtin_long_prompts)
+        return (data.long_stories(tokenizer, split="calib")[0::2] if split == "dev"
+                else data.long_stories(tokenizer, split="eval"))[:n_stories]
     if name == "tomi":
         items = data.load_tomi("dev" if split == "dev" else "test")
     else:
@@ -142,6 +149,9 @@ def main(argv=None) -> None:
     p.add_argument("--droidspeak-widths", default="2,4,8", help="recompute windows (default 2,4,8; '' for none)")
     p.add_argument("--droidspeak-profile", type=int, default=6,
                    help="dev items that choose each window's start (default 6)")
+    p.add_argument("--recompute-pages", default="1",
+                   help="scd_recomputeP rows: the consumer prefills the last P shared pages (default 1; '' for none)")
+    p.add_argument("--methods", help="comma list: only these methods, named as in the output (e.g. scd,scd_recompute1; default all)")
     p.add_argument("--choose-gate", action="store_true", help="dev only: pick each adapter's gate threshold")
     p.add_argument("--gate-target", type=float, default=0.98, help="gated same-answer rate to reach (default 0.98)")
     p.add_argument("--write-gate", action="store_true", help="write the chosen threshold into the adapter's manifest")
@@ -154,6 +164,14 @@ def main(argv=None) -> None:
     if (args.choose_gate or args.write_gate) and args.split != "dev":
         p.error("--choose-gate / --write-gate tune on the dev split only: add --split dev")
     widths = [int(w) for w in args.droidspeak_widths.split(",") if w.strip()]
+    recompute = [int(x) for x in args.recompute_pages.split(",") if x.strip()]
+    if any(r < 1 for r in recompute):
+        p.error(f"--recompute-pages takes page counts >= 1, got {args.recompute_pages!r}")
+    only = {m for m in (args.methods or "").split(",") if m}
+    known = {"raw_kv", "raw_kv_rerot", "kivi4_rerot", "scd_reuse", "scd", "scd_gate",
+             *(f"droidspeak_w{w}" for w in widths), *(f"scd_recompute{r}" for r in recompute)}
+    if only - known:
+        p.error(f"--methods: unknown {sorted(only - known)}; known (with these flags): {sorted(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = mf.load_encoder(Path(args.encoder))
@@ -165,22 +183,30 @@ def main(argv=None) -> None:
         consumer = models.load(adapter.manifest.consumer.spec)
         check_models(adapter, producer, consumer)
         ps = encoder.page_size
-        work = {s: pairs_of(workload(s, args.split, args.stories), producer, consumer, ps) for s in sets}
+        work = {s: pairs_of(workload(s, args.split, args.stories, consumer.tokenizer), producer, consumer, ps)
+                for s in sets}
         methods = {"scd": scd_method(adapter)}
         if not args.choose_gate:
             methods = {"raw_kv": evaluate.raw_kv, "raw_kv_rerot": baselines.rerotated_kv,
                        "kivi4_rerot": baselines.kivi_method(4, rerotate=True)}
             # each window's start is profiled on dev items of the first set, never on test
-            dev = pairs_of(workload(sets[0], "dev", args.droidspeak_profile), producer, consumer, ps)
+            dev = pairs_of(workload(sets[0], "dev", args.droidspeak_profile, consumer.tokenizer),
+                           producer, consumer, ps)
             dev_pairs = [evaluate.PairItem(producer, consumer, it, ids, reuse_tokens=fn(it, ids))
                          for it, fn in dev[: args.droidspeak_profile]
                          for ids in [data.prompt_ids(consumer.tokenizer, it)]]
-            for w in widths:
+            for w in [w for w in widths if not only or f"droidspeak_w{w}" in only]:
                 start, _ = baselines.profile_droidspeak(dev_pairs, w)
                 methods[f"droidspeak_w{w}"] = baselines.droidspeak_method(start, w)
+            reuse_only = path.parent / f"{adapter.name}-reuse"
+            if (reuse_only / mf.ADAPTER_FILE).exists():
+                methods["scd_reuse"] = scd_method(check_models(mf.load_adapter(reuse_only), producer, consumer))
             methods["scd"] = scd_method(adapter)
+            methods.update({f"scd_recompute{r}": scd_method(adapter, recompute_pages=r) for r in recompute})
             if adapter.manifest.min_margin > 0:
                 methods["scd_gate"] = scd_method(adapter, min_margin=adapter.manifest.min_margin)
+            if only:
+                methods = {k: m for k, m in methods.items() if k in only}
         margins = []
         for s in sets:
             got, extra = run(producer, consumer, work[s], methods, f"{adapter.name}/{s}/{args.split}")

@@ -60,17 +60,22 @@ def test_shared_prefix_methods_reuse_only_the_story_pages(base, ci_ft, small_ada
     spec = importlib.util.spec_from_file_location("bsp", ROOT / "scripts" / "bench_shared_prefix.py")
     bsp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bsp)
-    stories = bsp.workload("tomi", "test", 4)
+    stories = bsp.workload("tomi", "test", 4, base.tokenizer)
     pairs = bsp.pairs_of(stories, base, ci_ft, small_adapter.encoder.page_size)
     assert pairs and all(it.context == qs[0].context for qs in stories for it, _ in pairs if it in qs)
     it, fn = pairs[0]
     ids = data.prompt_ids(ci_ft.tokenizer, it)
     n = fn(it, ids)
     assert n % 16 == 0 and 0 < n < len(ids) and len(ids) - n < 48  # the story's pages; the question is not
-    methods = {"raw_kv": evaluate.raw_kv, "raw_kv_rerot": baselines.rerotated_kv, "scd": scd_method(small_adapter)}
+    methods = {"raw_kv": evaluate.raw_kv, "raw_kv_rerot": baselines.rerotated_kv, "scd": scd_method(small_adapter),
+               "scd_recompute1": scd_method(small_adapter, recompute_pages=1)}
     rows, extra = bsp.run(base, ci_ft, pairs[:8], methods, "shared")
     got = {r["method"]: r for r in rows}
     assert all(0 < got[m]["reused_fraction"] < 1 for m in methods)
+    # recomputing the last shared page: one page fewer rebuilt, its tokens prefilled by ci-ft
+    p1 = evaluate.PairItem(base, ci_ft, it, ids, reuse_tokens=n)
+    assert methods["scd_recompute1"](p1).timings["tokens"] == n - 16
+    assert got["scd_recompute1"]["reused_fraction"] < got["scd"]["reused_fraction"]
     # re-rotation puts the producer's keys at ci-ft's RoPE base: the same RoPE-free keys
     p = evaluate.PairItem(base, ci_ft, it, ids, reuse_tokens=n)
     k = p.producer_capture.k

@@ -133,3 +133,23 @@ def test_story_tokens_is_the_page_floored_story(base):
     r = data.story_tokens(base.tokenizer, qs[0], 16)
     assert r % 16 == 0 and 0 < r <= shared < r + 16 + 3  # +3: the two questions may share a few words
     assert r == data.story_tokens(base.tokenizer, qs[1], 16)
+
+
+def test_joined_long_stories_are_distinct_stories_with_the_last_ones_questions(base):
+    """Each joined prompt is >= 1k tokens of distinct Hi-ToM stories (distractors first); its
+    shared-prefix questions are every question of the last story, all on the same context."""
+    by_story: dict[str, list] = {}
+    for it in data.load_hitom("eval"):
+        by_story.setdefault(it.context, []).append(it)
+    groups = data.long_stories(base.tokenizer)
+    assert len(groups) >= 12  # enough contexts for a shared-prefix benchmark (eval has 60 stories)
+    for qs in groups[:4]:
+        parts = qs[0].context.split("\n\n")
+        stories = [c for c in by_story if c in qs[0].context]
+        assert len(stories) >= 2 and len(set(stories)) == len(stories)  # no story repeated
+        last = next(c for c in stories if qs[0].context.endswith(c))
+        assert [q.question for q in qs] == [q.question for q in by_story[last]]
+        assert {q.context for q in qs} == {qs[0].context} and len(parts) >= 2
+        assert len(data.prompt_ids(base.tokenizer, qs[0])) >= 1024
+    first = data.load_long_context(base.tokenizer)[0]
+    assert (first.context, first.question) == (groups[0][0].context, groups[0][0].question)

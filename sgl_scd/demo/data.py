@@ -167,21 +167,40 @@ def story_tokens(tokenizer, item: QAItem, page_size: int) -> int:
     return min(shared, len(prompt_ids(tokenizer, item)) - 1) // page_size * page_size
 
 
-def load_long_context(tokenizer, min_tokens: int = 1024, split: str = "eval") -> list[QAItem]:
-    """Prompts of >= min_tokens: consecutive Hi-ToM stories of one split joined (distractor
-    first), asking the last story's question. Hi-ToM alone peaks near 600 tokens; this is the
-    >= 1k-token set."""
-    src = load_hitom(split)
-    items, i = [], 0
+def _joined_stories(tokenizer, min_tokens: int, split: str) -> list[tuple[str, list[QAItem]]]:
+    """(context, the last story's questions) of >= min_tokens prompts: consecutive distinct
+    Hi-ToM stories of one split joined, the earlier ones distractors before the asked one."""
+    by_story: dict[str, list[QAItem]] = {}
+    for it in load_hitom(split):
+        by_story.setdefault(it.context, []).append(it)
+    src = list(by_story.items())
+
+    def length(ctx: str, q: QAItem) -> int:
+        return len(prompt_ids(tokenizer, QAItem("", ctx, q.question, "")))
+
+    out, i = [], 0
     while i < len(src):
         parts = [src[i]]
         i += 1
-        while i < len(src) and len(prompt_ids(tokenizer, QAItem("", "\n\n".join(p.context for p in parts),
-                                                          parts[-1].question, ""))) < min_tokens:
+        while i < len(src) and length("\n\n".join(c for c, _ in parts), parts[-1][1][0]) < min_tokens:
             parts.append(src[i])
             i += 1
-        last = parts[-1]
-        ctx = "\n\n".join(p.context for p in parts)
-        if len(prompt_ids(tokenizer, QAItem("", ctx, last.question, ""))) >= min_tokens:
-            items.append(QAItem(f"long-{len(items)}", ctx, last.question, last.answer))
-    return items
+        ctx = "\n\n".join(c for c, _ in parts)
+        if length(ctx, parts[-1][1][0]) >= min_tokens:
+            out.append((ctx, parts[-1][1]))
+    return out
+
+
+def load_long_context(tokenizer, min_tokens: int = 1024, split: str = "eval") -> list[QAItem]:
+    """Prompts of >= min_tokens: consecutive distinct Hi-ToM stories of one split joined
+    (distractors first), asking one question of the last story. Hi-ToM alone peaks near 600
+    tokens; this is the >= 1k-token set."""
+    return [QAItem(f"long-{k}", ctx, qs[0].question, qs[0].answer)
+            for k, (ctx, qs) in enumerate(_joined_stories(tokenizer, min_tokens, split))]
+
+
+def long_stories(tokenizer, min_tokens: int = 1024, split: str = "eval") -> list[list[QAItem]]:
+    """The joined long stories as a shared-prefix workload: per joined context, every question
+    of its last story (load_long_context's question first)."""
+    return [[QAItem(f"long-{k}-{j}", ctx, q.question, q.answer) for j, q in enumerate(qs)]
+            for k, (ctx, qs) in enumerate(_joined_stories(tokenizer, min_tokens, split))]
