@@ -86,15 +86,18 @@ REUSE_QUICK := $(QUICK:%=adapters/%-reuse/manifest.json)
 $(REUSE_QUICK): adapters/%-reuse/manifest.json: | models-quick
 	$(CAL) --consumer $* --name $*-reuse --patch-count 0 --decoder-context own $(QUICK_RECIPE)
 
-# Shared-prefix quality of the quick adapters on the test split, every baseline in one run (~80 min).
+# Shared-prefix quality of the quick adapters on the test split, every baseline in one run (~80 min;
+# `make gates-quick` first adds the scd_gate rows at each adapter's dev-chosen threshold).
 bench-shared-prefix-quick: adapters-quick $(REUSE_QUICK)
 	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test \
-	  --sets tomi,hitom,long --stories 8 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix.jsonl
+	  --sets tomi,hitom --stories 8 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix.jsonl
+	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test \
+	  --sets long --stories 5 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix_long.jsonl
 
 # Each quick adapter's serving gate (manifest min_margin), chosen on dev splits only: the smallest
-# threshold whose gated same-answer rate on shared-prefix ToMi dev + Hi-ToM dev reaches 0.98.
+# threshold whose gated same-answer rate on shared-prefix ToMi, Hi-ToM and joined-story dev reaches 0.98.
 gates-quick: adapters-quick
-	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split dev --stories 12 \
+	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split dev --stories 8 --sets tomi,hitom,long \
 	  --choose-gate --write-gate --json out/shared_prefix_dev.jsonl
 
 demo: adapters-quick      ## main job: the OpenAI server for the base + 3 adapters of one code set, a shared-prefix workload through the openai client, a report

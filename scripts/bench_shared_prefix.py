@@ -8,12 +8,13 @@ pages) and prefilling the rest (question and chat tail) with its own weights. Pe
 method, against the consumer's own prefill of the same prompt (the oracle): F1 / oracle F1, same
 answer (+- standard error), KL and top-1 of the first answer token (and KL over the later answer
 tokens, kl_answer), reused-token fraction, requests the gate prefilled, payload / raw bf16 KV of
-the reused tokens, and (rebuild + suffix) / prefill.
+the reused tokens, (rebuild + suffix) / prefill, and same answer on the items whose first answer
+token the adapter itself is sure of (same_answer_sure, over sure_fraction of the items).
 
 Methods: raw_kv (the base's KV), raw_kv_rerot (its keys re-rotated to the consumer's RoPE base),
 kivi4_rerot (4-bit KIVI-style, re-rotated), droidspeak_wW (reuse the base's KV, recompute a
-window of W consumer layers from the base's residual stream; the window start profiled on the dev
-split), scd_reuse (SCD without patch layers: adapters/<adapter>-reuse, its own encoder, when it
+window of W consumer layers from the base's residual stream; the window start profiled on ToMi
+dev items), scd_reuse (SCD without patch layers: adapters/<adapter>-reuse, its own encoder, when it
 exists), scd, scd_recomputeP (SCD rebuilding all but the last P pages, which the consumer
 prefills itself), scd_gate (the adapter's manifest min_margin: near-tie answers prefilled).
 
@@ -52,6 +53,10 @@ from sgl_scd.settings import DEFAULT_ENCODER
 
 SETS = ("tomi", "hitom", "long")
 GATE_GRID = [round(0.05 * i, 2) for i in range(21)]
+# The adapter is sure of its own first answer token when top-1 leads top-2 by at least this much
+# probability: flipping such a lead takes total variation >= 0.25, so KL >= 0.125 (Pinsker), above
+# the targets' KL (<= 0.1).
+SURE_MARGIN = 0.5
 
 
 def workload(name: str, split: str, n_stories: int, tokenizer) -> list[list[data.QAItem]]:
@@ -89,7 +94,8 @@ def pairs_of(stories, producer, consumer, page_size: int) -> list[tuple[data.QAI
 def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict]:
     """evaluate() over the pairs; per-method timing ratios, reuse fraction and payload, and the
     SCD first-token margins with same-answer flags (what the gate is chosen from)."""
-    per = {name: {"ratio": [], "reused": [], "payload": [], "prefilled": []} for name in ["oracle", *methods]}
+    per = {name: {"ratio": [], "reused": [], "payload": [], "prefilled": [], "sure_same": []}
+           for name in ["oracle", *methods]}
     margins = []
     by_item = {it.uid: fn for it, fn in pairs}
 
@@ -103,6 +109,8 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
             per[name]["prefilled"].append(float(out.fell_back))  # the gate dropped the reused pages
             if t.get("tokens"):
                 per[name]["payload"].append(t.get("payload_bytes", 0) / (t["tokens"] * raw_per_token))
+            if top2_margin(outs["oracle"].first_logits) >= SURE_MARGIN:
+                per[name]["sure_same"].append(float(data_same(out.text, outs["oracle"].text)))
         if "scd" in outs:
             same = data_same(outs["scd"].text, outs["oracle"].text)
             margins.append((top2_margin(outs["scd"].first_logits), same))
@@ -114,6 +122,8 @@ def run(producer, consumer, pairs, methods, desc: str) -> tuple[list[dict], dict
         r.update(compute_ratio=statistics.mean(d["ratio"]), reused_fraction=statistics.mean(d["reused"]),
                  prefilled=statistics.mean(d["prefilled"]),
                  payload_ratio=statistics.mean(d["payload"]) if d["payload"] else 0.0,
+                 sure_fraction=len(d["sure_same"]) / max(1, r["n"]),  # items the oracle is sure of
+                 same_answer_sure=statistics.mean(d["sure_same"]) if d["sure_same"] else math.nan,
                  same_answer_se=math.sqrt(r["same_answer"] * (1 - r["same_answer"]) / max(1, r["n"])))
     return rows, {"margins": margins}
 
@@ -148,7 +158,7 @@ def main(argv=None) -> None:
     p.add_argument("--stories", type=int, default=40, help="stories per set (default 40)")
     p.add_argument("--droidspeak-widths", default="2,4,8", help="recompute windows (default 2,4,8; '' for none)")
     p.add_argument("--droidspeak-profile", type=int, default=6,
-                   help="dev items that choose each window's start (default 6)")
+                   help="ToMi dev items that choose each window's start (default 6)")
     p.add_argument("--recompute-pages", default="1",
                    help="scd_recomputeP rows: the consumer prefills the last P shared pages (default 1; '' for none)")
     p.add_argument("--methods", help="comma list: only these methods, named as in the output (e.g. scd,scd_recompute1; default all)")
@@ -189,8 +199,8 @@ def main(argv=None) -> None:
         if not args.choose_gate:
             methods = {"raw_kv": evaluate.raw_kv, "raw_kv_rerot": baselines.rerotated_kv,
                        "kivi4_rerot": baselines.kivi_method(4, rerotate=True)}
-            # each window's start is profiled on dev items of the first set, never on test
-            dev = pairs_of(workload(sets[0], "dev", args.droidspeak_profile, consumer.tokenizer),
+            # each window's start is profiled on ToMi dev items (short, so cheap), never on test
+            dev = pairs_of(workload("tomi", "dev", args.droidspeak_profile, consumer.tokenizer),
                            producer, consumer, ps)
             dev_pairs = [evaluate.PairItem(producer, consumer, it, ids, reuse_tokens=fn(it, ids))
                          for it, fn in dev[: args.droidspeak_profile]
@@ -220,7 +230,8 @@ def main(argv=None) -> None:
                 print(f"{s:<6} {args.split:<4} {adapter.name:<12} {r['method']:<14} n={r['n']:<4} "
                       f"F1 {r['f1_over_oracle']:.2f}x KL {r['kl']:.3f} top1 {r['top1']:.2f} same "
                       f"{r['same_answer']:.3f}+-{r['same_answer_se']:.3f} reused {r['reused_fraction']:.2f} "
-                      f"payload {r['payload_ratio']:.3f} cost {r['compute_ratio']:.3f}", file=sys.stderr)
+                      f"payload {r['payload_ratio']:.3f} cost {r['compute_ratio']:.3f} "
+                      f"sure {r['sure_fraction']:.2f}: same {r['same_answer_sure']:.3f}", file=sys.stderr)
         if args.choose_gate:
             gate = choose_gate(margins, args.gate_target)
             gates[adapter.name] = gate
