@@ -92,7 +92,7 @@ bench-shared-prefix-quick: adapters-quick $(REUSE_QUICK)
 	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test \
 	  --sets tomi,hitom --stories 8 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix.jsonl
 	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test \
-	  --sets long --stories 5 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix_long.jsonl
+	  --sets long --stories 4 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix_long.jsonl
 
 # Each quick adapter's serving gate (manifest min_margin), chosen on dev splits only: the smallest
 # threshold whose gated same-answer rate on shared-prefix ToMi, Hi-ToM and joined-story dev reaches 0.98.

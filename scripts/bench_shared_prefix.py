@@ -159,8 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--droidspeak-widths", default="2,4,8", help="recompute windows (default 2,4,8; '' for none)")
     p.add_argument("--droidspeak-profile", type=int, default=6,
                    help="ToMi dev items that choose each window's start (default 6)")
-    p.add_argument("--recompute-pages", default="1",
-                   help="scd_recomputeP rows: the consumer prefills the last P shared pages (default 1; '' for none)")
+    p.add_argument("--recompute-pages", default="",
+                   help="comma list of P: scd_recomputeP rows, the consumer prefills the last P shared pages (default none)")
     p.add_argument("--methods", help="comma list: only these methods, named as in the output (e.g. scd,scd_recompute1; default all)")
     p.add_argument("--choose-gate", action="store_true", help="dev only: pick each adapter's gate threshold")
     p.add_argument("--gate-target", type=float, default=0.98, help="gated same-answer rate to reach (default 0.98)")

@@ -6,19 +6,14 @@ are PromQL's job (rate(sgl_scd:hit_tokens_total[5m]) / rate(sgl_scd:lookup_token
 
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import Counter, Gauge, Histogram
 
-from sgl_scd.store.metrics import STORE_REGISTRY
+from sgl_scd.store.metrics import STORE_REGISTRY, ProcessDefault
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class ServingMetrics:
-    _default: ServingMetrics | None = None
-    _lock = threading.Lock()
-
+class ServingMetrics(ProcessDefault):
     def __init__(self, registry=STORE_REGISTRY):
         r = registry
         self.requests = Counter("sgl_scd:requests", "Requests finished, by model and outcome",
@@ -47,14 +42,6 @@ class ServingMetrics:
                                     "outcome (ok, queue_full, or the error's type)", ["outcome"], registry=r)
         self.running = Gauge("sgl_scd:num_running_reqs", "Requests decoding", registry=r)
         self.waiting = Gauge("sgl_scd:num_queue_reqs", "Requests waiting for the model thread", registry=r)
-
-    @classmethod
-    def default(cls) -> ServingMetrics:
-        """The process-wide instance (a registry refuses the same names twice)."""
-        with cls._lock:
-            if cls._default is None:
-                cls._default = cls()
-            return cls._default
 
     def published(self, pages: int, nbytes: int, error: str | None) -> None:
         self.published_pages.inc(pages)

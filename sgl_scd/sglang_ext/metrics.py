@@ -4,16 +4,14 @@ exports (multiprocess mode); rates are PromQL's job."""
 
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import REGISTRY, Counter, Histogram
+
+from sgl_scd.store.metrics import ProcessDefault
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-class LinkerMetrics:
-    _default: LinkerMetrics | None = None
-    _lock = threading.Lock()
+class LinkerMetrics(ProcessDefault):
 
     def __init__(self, registry=REGISTRY):
         r, a = registry, ["adapter"]
@@ -28,11 +26,3 @@ class LinkerMetrics:
                               registry=r)
         self.published_pages = Counter("sgl_scd:linker_published_pages", "Base pages published", registry=r)
         self.published_bytes = Counter("sgl_scd:linker_published_bytes", "Code bytes published", registry=r)
-
-    @classmethod
-    def default(cls) -> LinkerMetrics:
-        """The process-wide instance (a registry refuses the same names twice)."""
-        with cls._lock:
-            if cls._default is None:
-                cls._default = cls()
-            return cls._default

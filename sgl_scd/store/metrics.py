@@ -14,6 +14,7 @@ Labels: identity (first 12 hex of the identity digest), adapter, op
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -24,13 +25,28 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     0.25, 0.5, 1.0, 2.5)
 
 
-class StoreMetrics:
-    """The store's Prometheus metrics in one registry. Recording methods are thread-safe."""
+class ProcessDefault:
+    """Mixin: cls.default() is one process-wide instance, built without arguments on first call
+    (a Prometheus registry refuses the same metric names twice)."""
 
-    _default: StoreMetrics | None = None
     _default_lock = threading.Lock()
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._default = None
+
+    @classmethod
+    def default(cls) -> Self:
+        with ProcessDefault._default_lock:
+            if cls._default is None:
+                cls._default = cls()
+            return cls._default
+
+
+class StoreMetrics(ProcessDefault):
+    """The store's Prometheus metrics in one registry. Recording methods are thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry = STORE_REGISTRY) -> None:
         self.registry = registry
         ia = ["identity", "adapter"]
         self.lookup_tokens = Counter(
@@ -62,14 +78,6 @@ class StoreMetrics:
         self._lock = threading.Lock()
         self._asked: dict[tuple[str, str], float] = {}
         self._hit: dict[tuple[str, str], float] = {}
-
-    @classmethod
-    def default(cls) -> StoreMetrics:
-        """The process-wide instance bound to STORE_REGISTRY (created on first call)."""
-        with cls._default_lock:
-            if cls._default is None:
-                cls._default = cls(STORE_REGISTRY)
-            return cls._default
 
     def record_probe(self, identity: str, adapter: str, asked: int, hit: int,
                      cause: str | None) -> None:
