@@ -93,6 +93,8 @@ bench-shared-prefix-quick: adapters-quick $(REUSE_QUICK)
 	  --sets tomi,hitom --stories 8 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix.jsonl
 	$(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test \
 	  --sets long --stories 4 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix_long.jsonl
+	$(BIN)/python scripts/shared_prefix_table.py out/shared_prefix.jsonl out/shared_prefix_long.jsonl \
+	  --plot out/shared_prefix.png | tee out/shared_prefix.md
 
 # Each quick adapter's serving gate (manifest min_margin), chosen on dev splits only: the smallest
 # threshold whose gated same-answer rate on shared-prefix ToMi, Hi-ToM and joined-story dev reaches 0.98.

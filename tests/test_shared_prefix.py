@@ -41,3 +41,30 @@ def test_the_shared_prefix_is_the_common_prompt_prefix_floored_to_pages(bsp):
     common = len(SYSTEM_PROMPT + story + "\nWhere is ")  # then "A" vs "B"
     n = fn(None, ids)
     assert n % 16 == 0 and common - 16 < n <= common
+
+
+def _row(method, same, kl, payload, **kw):
+    return {"set": "hitom", "split": "test", "consumer": "quick-x", "method": method, "n": 32, "f1": 0.5,
+            "f1_over_oracle": 1.0, "same_answer": same, "same_answer_se": 0.05, "kl": kl, "kl_answer": 0.1,
+            "top1": same, "sure_fraction": 0.1, "same_answer_sure": 1.0, "reused_fraction": 0.96,
+            "payload_ratio": payload, "compute_ratio": 0.2, "prefilled": 0.0, "min_margin": None, **kw}
+
+
+def test_the_report_checks_each_target_and_plots(tmp_path):
+    from sgl_scd.evaluation import shared_prefix as sp
+
+    rows = [_row("oracle", 1.0, 0.0, 0.0), _row("raw_kv_rerot", 0.6, 0.2, 1.0), _row("droidspeak_w8", 0.7, 0.1, 0.78),
+            _row("scd", 0.92, 0.05, 0.24),
+            _row("scd_gate", 0.99, 0.01, 0.24, prefilled=0.3, min_margin=0.3)]
+    met = {c["target"]: c["met"] for c in sp.targets(rows)}
+    # Hi-ToM's targets: same >= 0.90 and KL <= 0.10 (0.92, 0.05: met); KL below both rivals at a smaller
+    # payload: met; the gate reaches 0.99 but prefills 30% (> 15%): not met
+    assert met == {"scd same answer >= 0.9": True, "scd KL <= 0.1": True, "scd payload <= 0.25x": True,
+                   "scd KL < re-rotated raw KV and every DroidSpeak width, at <= payload": True,
+                   "gated same answer >= 0.98, prefilled <= 0.15": False}
+    rows[3]["kl"] = 0.15  # now DroidSpeak w8 (0.10) beats SCD in KL
+    assert not next(c for c in sp.targets(rows) if "DroidSpeak" in c["target"])["met"]
+    md = sp.table(rows)
+    assert md.count("\n") == 1 + 4 and "scd_gate (M=0.3)" in md and "| oracle |" not in md
+    sp.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
