@@ -82,15 +82,18 @@ def _split_story(text: str) -> tuple[str, str]:
     return head + ".", tail + text[-1]
 
 
+def _read_items(name: str) -> list[QAItem]:
+    """One QAItem per row of the cached <name>.jsonl (uid "<name>-<row>"), story and question split."""
+    rows = _read_jsonl(ensure_data() / f"{name}.jsonl")
+    return [QAItem(f"{name}-{i}", *_split_story(row["input"][-1]["content"]), row["ideal"])
+            for i, row in enumerate(rows)]
+
+
 def load_tomi(split: str) -> list[QAItem]:
     """ToMi items of one split ('train', 'dev' or 'test'), in a fixed order."""
     if split not in SPLIT_FRACTIONS:
         raise ValueError(f"unknown ToMi split {split!r}; expected one of {sorted(SPLIT_FRACTIONS)}")
-    rows = _read_jsonl(ensure_data() / "tomi.jsonl")
-    items = []
-    for i, row in enumerate(rows):
-        story, question = _split_story(row["input"][-1]["content"])
-        items.append(QAItem(f"tomi-{i}", story, question, row["ideal"]))
+    items = _read_items("tomi")
     stories = sorted({it.context for it in items})
     random.Random(SPLIT_SEED).shuffle(stories)
     n_train = int(len(stories) * SPLIT_FRACTIONS["train"])
@@ -113,11 +116,7 @@ def load_hitom(split: str = "eval") -> list[QAItem]:
     long-prompt adapters), so both splits span the same lengths and share no story."""
     if split not in HITOM_SPLITS:
         raise ValueError(f"unknown Hi-ToM split {split!r}; expected one of {HITOM_SPLITS}")
-    rows = _read_jsonl(ensure_data() / "hitom.jsonl")
-    items = []
-    for i, row in enumerate(rows):
-        story, question = _split_story(row["input"][-1]["content"])
-        items.append(QAItem(f"hitom-{i}", story, question, row["ideal"]))
+    items = _read_items("hitom")
     stories = sorted({it.context for it in items}, key=lambda c: (-len(c), c))
     chosen = set(stories[HITOM_SPLITS.index(split) :: 2])
     items = [it for it in items if it.context in chosen]
