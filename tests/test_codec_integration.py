@@ -251,7 +251,8 @@ def test_shared_prefix_objective_is_the_serving_path(base, ci_ft, small_adapter)
     weight on its last position, the loss last_token_kl scores on the serving path (rebuild the
     story pages, prefill the question on them): one batched forward where only the story reads
     the rebuilt K/V. 1e-4 relative: fp32, a different reduction order. The same sample with every
-    token rebuilt scores differently (the objectives are not the same by accident)."""
+    token rebuilt scores differently, by more than that tolerance (the objectives are not the same by
+    accident; with good decoders the two differ little: 9e-5 of 0.069 was seen)."""
     import random
 
     from sgl_scd.calibrate import capture_pair, distill_samples
@@ -271,4 +272,4 @@ def test_shared_prefix_objective_is_the_serving_path(base, ci_ft, small_adapter)
             serving = distill.last_token_kl(ci_ft.model, dec, [s])
             assert loss == pytest.approx(serving, rel=1e-4, abs=1e-6)
             whole = distill.last_token_kl(ci_ft.model, dec, [dataclasses.replace(s, reuse=None)])
-            assert abs(whole - serving) > 1e-4
+            assert abs(whole - serving) > max(1e-4 * serving, 1e-6)
