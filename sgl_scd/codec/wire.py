@@ -138,20 +138,23 @@ def decode_pages(encoder: ProducerEncoder, blobs: list[bytes], codec_digest: byt
     full = [p for n, p in checked if n == page_size]
     if any(n != page_size for n, _ in checked[:-1]):
         raise WireError("only the last page of a prompt may be partial")
+    parts = []
     if layout is not None:
         if layout.num_tokens != page_size or layout.columns != len(widths):
             raise ValueError(f"layout of {layout.num_tokens} x {layout.columns} does not fit pages of "
                              f"{page_size} x {len(widths)}")
-        dev = layout.lo.device
-        parts = [layout.unpack(torch.frombuffer(bytearray(b"".join(full)), dtype=torch.uint8)
-                               .view(len(full), -1).to(dev, non_blocking=True))] if full else []
-        if checked[-1][0] != page_size:
-            parts.append(torch.from_numpy(quant.unpack_bits(checked[-1][1], checked[-1][0], widths)).to(dev))
-        return encoder.split(parts[0] if len(parts) == 1 else torch.cat(parts))
-    parts = [quant.unpack_pages(full, page_size, widths)] if full else []
-    if checked[-1][0] != page_size:
-        parts.append(quant.unpack_bits(checked[-1][1], checked[-1][0], widths))
-    return encoder.split(torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)))
+        device = layout.lo.device
+        if full:
+            parts.append(layout.unpack(torch.frombuffer(bytearray(b"".join(full)), dtype=torch.uint8)
+                                       .view(len(full), -1).to(device, non_blocking=True)))
+    else:
+        device = torch.device("cpu")
+        if full:
+            parts.append(torch.from_numpy(quant.unpack_pages(full, page_size, widths)))
+    last_n, last_payload = checked[-1]
+    if last_n != page_size:
+        parts.append(torch.from_numpy(quant.unpack_bits(last_payload, last_n, widths)).to(device))
+    return encoder.split(parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 def payload_bytes_per_token(encoder: ProducerEncoder, page_size: int) -> float:
