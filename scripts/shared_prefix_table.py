@@ -3,8 +3,8 @@
 
   python scripts/shared_prefix_table.py out/shared_prefix.jsonl out/shared_prefix_long.jsonl --plot out/shared_prefix.png
 
-Prints one row per (set, consumer, method) in run order (columns as bench_shared_prefix.py's
-docstring defines them), then each target checked per set and consumer: ungated SCD's same answer
+Prints one row per (set, consumer, method) in run order, columns as bench_shared_prefix.py's
+docstring defines them (--pivot: one row per set and consumer, "KL / same answer" per method), then each target checked per set and consumer: ungated SCD's same answer
 and KL, its payload, SCD against re-rotated raw KV and every DroidSpeak width, and the gate.
 --plot writes KL and same answer against payload, one column per set.
 """
@@ -15,13 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
-from sgl_scd.evaluation.shared_prefix import plot, table, targets_table
+from sgl_scd.evaluation.shared_prefix import pivot, plot, table, targets_table
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("jsonl", type=Path, nargs="+", help="bench_shared_prefix.py --json output(s)")
     p.add_argument("--plot", type=Path, help="write a PNG here")
+    p.add_argument("--pivot", action="store_true",
+                   help="one row per set and adapter, one column per method (KL / same answer) instead of the long table")
     args = p.parse_args(argv)
     rows = []
     for path in args.jsonl:
@@ -32,7 +34,7 @@ def main(argv=None) -> None:
         p.error(f"{', '.join(map(str, args.jsonl))}: no method rows")
     splits = sorted({r["split"] for r in rows})
     print(f"split: {', '.join(splits)}; git {', '.join(sorted({r.get('git_sha', '?') for r in rows}))}\n")
-    print(table(rows))
+    print(pivot(rows) if args.pivot else table(rows))
     print()
     print(targets_table(rows))
     if args.plot:

@@ -66,5 +66,7 @@ def test_the_report_checks_each_target_and_plots(tmp_path):
     assert not next(c for c in sp.targets(rows) if "DroidSpeak" in c["target"])["met"]
     md = sp.table(rows)
     assert md.count("\n") == 1 + 4 and "scd_gate (M=0.3)" in md and "| oracle |" not in md
+    pv = sp.pivot(rows).splitlines()
+    assert len(pv) == 3 and "scd (0.24x)" in pv[0] and "0.150 / 0.92" in pv[2] and "30% prefilled" in pv[2]
     sp.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -46,6 +46,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def pivot(rows: list[dict]) -> str:
+    """Markdown, one row per (set, consumer), one column per method: "KL / same answer"; the
+    methods' payloads in the header."""
+    rows = [r for r in rows if r["method"] not in ("oracle", "gate_choice")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    payload = {r["method"]: r["payload_ratio"] for r in rows}
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["set"], r["consumer"]), {})[r["method"]] = r
+    head = ["set", "consumer", *(f"{m} ({payload[m]:.2f}x)" for m in methods)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (s, consumer), by in cells.items():
+        out.append("| " + " | ".join([s, consumer, *(
+            f"{by[m]['kl']:.3f} / {by[m]['same_answer']:.2f}" + (f" (M={by[m]['min_margin']:g}, {by[m]['prefilled']:.0%} prefilled)"
+                                                                 if by[m].get("min_margin") else "")
+            if m in by else "-" for m in methods)]) + " |")
+    return "\n".join(out)
+
+
 def targets(rows: list[dict]) -> list[dict]:
     """Each target checked per (set, consumer): {set, consumer, target, value, met}."""
     cells: dict[tuple[str, str], dict[str, dict]] = {}
