@@ -4,8 +4,9 @@
   python scripts/shared_prefix_table.py out/shared_prefix.jsonl out/shared_prefix_long.jsonl --plot out/shared_prefix.png
 
 Prints one row per (set, consumer, method) in run order, columns as bench_shared_prefix.py's
-docstring defines them (--pivot: one row per set and consumer, "KL / same answer" per method), then each target checked per set and consumer: ungated SCD's same answer
-and KL, its payload, SCD against re-rotated raw KV and every DroidSpeak width, and the gate.
+docstring defines them (--pivot: one row per set and consumer, "KL / same answer" per method),
+then each target checked per set and consumer: ungated SCD's same answer and KL, its payload,
+SCD against re-rotated raw KV and every DroidSpeak width, and the gate.
 --plot writes KL and same answer against payload, one column per set.
 """
 

@@ -24,14 +24,25 @@ def family(method: str) -> str:
     return method
 
 
+def _method_rows(rows: list[dict]) -> list[dict]:
+    """The rows of methods (the oracle's own rows and the gate choice left out)."""
+    return [r for r in rows if r["method"] not in ("oracle", "gate_choice")]
+
+
+def _cells(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """{(set, consumer): {method: row}}, in run order."""
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["set"], r["consumer"]), {})[r["method"]] = r
+    return cells
+
+
 def table(rows: list[dict]) -> str:
     """Markdown, one row per (set, consumer, method), in run order; the gate choice rows skipped."""
     head = ["set", "consumer", "method", "n", "F1 / oracle F1", "same answer (+-se)", "KL", "KL ans", "top-1",
             "sure: share, same", "reused", "payload/raw", "(rebuild+suffix)/prefill", "prefilled"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r["method"] in ("oracle", "gate_choice"):
-            continue
+    for r in _method_rows(rows):
         method = r["method"] + (f" (M={r['min_margin']:g})" if r.get("min_margin") else "")
         f1 = r.get("f1_over_oracle", math.nan)
         sure = r.get("same_answer_sure", math.nan)
@@ -49,15 +60,12 @@ def table(rows: list[dict]) -> str:
 def pivot(rows: list[dict]) -> str:
     """Markdown, one row per (set, consumer), one column per method: "KL / same answer"; the
     methods' payloads in the header."""
-    rows = [r for r in rows if r["method"] not in ("oracle", "gate_choice")]
+    rows = _method_rows(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     payload = {r["method"]: r["payload_ratio"] for r in rows}
-    cells: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in rows:
-        cells.setdefault((r["set"], r["consumer"]), {})[r["method"]] = r
     head = ["set", "consumer", *(f"{m} ({payload[m]:.2f}x)" for m in methods)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (s, consumer), by in cells.items():
+    for (s, consumer), by in _cells(rows).items():
         out.append("| " + " | ".join([s, consumer, *(
             f"{by[m]['kl']:.3f} / {by[m]['same_answer']:.2f}" + (f" (M={by[m]['min_margin']:g}, {by[m]['prefilled']:.0%} prefilled)"
                                                                  if by[m].get("min_margin") else "")
@@ -67,12 +75,8 @@ def pivot(rows: list[dict]) -> str:
 
 def targets(rows: list[dict]) -> list[dict]:
     """Each target checked per (set, consumer): {set, consumer, target, value, met}."""
-    cells: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in rows:
-        if r["method"] != "gate_choice":
-            cells.setdefault((r["set"], r["consumer"]), {})[r["method"]] = r
     out = []
-    for (s, consumer), by in cells.items():
+    for (s, consumer), by in _cells(_method_rows(rows)).items():
         scd = by.get("scd")
         if scd is None:
             continue
@@ -114,7 +118,7 @@ def plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["method"] not in ("oracle", "gate_choice")]
+    rows = _method_rows(rows)
     sets = list(dict.fromkeys(r["set"] for r in rows))
     consumers = list(dict.fromkeys(r["consumer"] for r in rows))
     fig, axes = plt.subplots(2, len(sets), figsize=(4.0 * len(sets), 6.4), squeeze=False)
