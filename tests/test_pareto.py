@@ -9,7 +9,7 @@ import sys
 
 from store_fixtures import REPO
 
-from sgl_scd.evaluation import flips, pareto
+from sgl_scd.evaluation import flips, pareto, plotstyle
 
 
 def row(method: str, kl: float, ttft: float, f1: float = 0.5) -> dict:
@@ -25,8 +25,9 @@ def test_frontier_drops_only_dominated_methods():
 
 
 def test_plot_names_each_method_family_once(tmp_path):
-    assert pareto.split_variant("scd_gate0.2") == ("scd_gate", "0.2") and pareto.split_variant("scd") == ("scd", "")
-    assert pareto.method_color("scd_gate0.5") == pareto.COLORS["scd_gate"]
+    assert plotstyle.split_variant("scd_gate0.2") == ("scd_gate", "0.2") and plotstyle.split_variant("scd") == ("scd", "")
+    assert plotstyle.split_variant("droidspeak_w8") == ("droidspeak", "w8")
+    assert plotstyle.method_color("scd_gate0.5") == plotstyle.COLORS["scd_gate"]
     rows = [row("oracle", 0.0, 1.0), row("scd", 0.1, 0.1), row("scd_gate0.2", 0.08, 0.2), row("scd_gate0.5", 0.05, 0.4)]
     for r in rows:
         r["on_pareto"] = {"1": True, "200": True}

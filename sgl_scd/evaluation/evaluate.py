@@ -59,10 +59,12 @@ def producer(p: PairItem) -> runtime.Continuation:
                                     max_new_tokens=p.max_new_tokens)
 
 
-def raw_kv(p: PairItem) -> runtime.Continuation:
+def raw_kv(p: PairItem, k: torch.Tensor | None = None) -> runtime.Continuation:
+    """The consumer continues from the producer's KV as shipped (bf16 K + V); k: other keys in
+    place of the producer's (baselines.rerotated_kv)."""
     cap = p.producer_capture
-    out = p.continue_consumer(cap.k, cap.v)
-    out.timings.update(rebuild_s=0.0, tokens=cap.num_tokens, payload_bytes=cap.k.numel() * 2 * 2)  # bf16 K + V
+    out = p.continue_consumer(cap.k if k is None else k, cap.v)
+    out.timings.update(rebuild_s=0.0, tokens=cap.num_tokens, payload_bytes=cap.k.numel() * 2 * 2)
     return out
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLORS = {"oracle": "k", "raw_kv": "tab:red", "kivi4": "tab:orange", "droidspeak": "tab:purple",
-          "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_tail": "navy", "scd_gate": "tab:green"}
-VARIANT_FAMILIES = ("scd_gate", "scd_tail")  # method names that end in their setting: scd_gate0.2
+from sgl_scd.evaluation.plotstyle import method_color, split_variant
 
 
 def pareto(rows: list[dict], bw: int) -> set[str]:
@@ -18,18 +16,6 @@ def pareto(rows: list[dict], bw: int) -> set[str]:
                    for o in rows if o is not r):
             front.add(r["method"])
     return front
-
-
-def split_variant(method: str) -> tuple[str, str]:
-    """("scd_gate", "0.2") for "scd_gate0.2"; (method, "") for a method without a setting."""
-    for family in VARIANT_FAMILIES:
-        if method.startswith(family) and method != family:
-            return family, method.removeprefix(family)
-    return method, ""
-
-
-def method_color(method: str) -> str:
-    return COLORS.get(split_variant(method)[0], "0.3")
 
 
 def plot(rows_by_dataset: dict[str, list[dict]], bandwidths, out: Path) -> None:

@@ -5,23 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-COLORS = {"oracle": "k", "raw_kv": "tab:red", "raw_kv_rerot": "tab:pink", "kivi4_rerot": "tab:orange",
-          "droidspeak": "tab:purple", "scd_reuse": "tab:cyan", "scd": "tab:blue", "scd_recompute": "navy",
-          "scd_gate": "tab:green"}
+from sgl_scd.evaluation.plotstyle import family, method_color, split_variant
+
 MARKERS = "os^Dv<>"
 # The targets of a shared-prefix run (ungated SCD, every consumer): (same answer >=, KL <=) per set.
 QUALITY_TARGETS = {"tomi": (0.95, 0.05), "hitom": (0.90, 0.10), "long": (0.90, 0.10)}
 PAYLOAD_TARGET = 0.25  # x raw bf16 KV of the reused tokens
 GATE_TARGET = (0.98, 0.15)  # gated same answer >=, share of requests prefilled <=
 REUSE_BASELINES = ("raw_kv_rerot", "droidspeak")  # SCD must beat each in KL at <= their payload
-
-
-def family(method: str) -> str:
-    """droidspeak_w8 -> droidspeak, scd_recompute2 -> scd_recompute; others are their own family."""
-    for f in ("droidspeak", "scd_recompute"):
-        if method.startswith(f):
-            return f
-    return method
 
 
 def _method_rows(rows: list[dict]) -> list[dict]:
@@ -125,12 +116,13 @@ def plot(rows: list[dict], out: Path) -> None:
     for j, s in enumerate(sets):
         for r in (r for r in rows if r["set"] == s):
             marker = MARKERS[consumers.index(r["consumer"]) % len(MARKERS)]
-            color = COLORS.get(family(r["method"]), "0.3")
+            setting = split_variant(r["method"])[1]
             for i, y in enumerate((r["kl"] + 1e-3, r["same_answer"])):
-                axes[i][j].scatter(r["payload_ratio"], y, color=color, marker=marker, s=36, label=r["method"])
-                if r["method"] != family(r["method"]):  # a setting (window width, pages): write it by the point
-                    axes[i][j].annotate(r["method"].removeprefix(family(r["method"])).lstrip("_"),
-                                        (r["payload_ratio"], y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+                axes[i][j].scatter(r["payload_ratio"], y, color=method_color(r["method"]), marker=marker, s=36,
+                                   label=r["method"])
+                if setting:  # a window width or a page count: written by the point
+                    axes[i][j].annotate(setting, (r["payload_ratio"], y), fontsize=6, xytext=(2, 3),
+                                        textcoords="offset points")
         axes[0][j].set_yscale("log")
         axes[0][j].set_title(s, fontsize=9)
         axes[1][j].set_xlabel("payload / raw bf16 KV of the reused tokens", fontsize=8)
@@ -139,7 +131,7 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[1][0].set_ylabel("same answer as the adapter's prefill", fontsize=8)
     for ax in axes.flat:
         ax.tick_params(labelsize=7)
-    by_family = {family(r["method"]): COLORS.get(family(r["method"]), "0.3") for r in rows}
+    by_family = {family(r["method"]): method_color(r["method"]) for r in rows}
     handles = [plt.Line2D([], [], color=c, marker="o", ls="") for c in by_family.values()]
     handles += [plt.Line2D([], [], color="0.3", marker=MARKERS[i % len(MARKERS)], ls="") for i in range(len(consumers))]
     fig.legend(handles, [*by_family, *consumers], loc="upper center", ncol=min(6, len(handles)), fontsize=7)
