@@ -30,8 +30,9 @@ models-quick: install     ## `make demo`'s consumers (quick-ft, quick-lora, quic
 	$(BIN)/python -m sgl_scd.demo build --quick
 
 # `make demo`'s artifacts: the same layout at a small recipe (an encoder at the benchmark encoder's
-# patch layers, no ranking; 64 ToMi + 4 long prompts, 1 epoch per consumer).
-QUICK_RECIPE ?= --n-calib 64 --n-fit 48 --n-dev 16 --n-eval 20 --n-calib-long 4 --n-dev-long 2 --epochs 1 --answer-tokens 3
+# patch layers, no ranking; 160 ToMi + 16 long prompts, closed-form decoders: distillation made every
+# quick consumer's dev KL worse, docs/codec.md).
+QUICK_RECIPE ?= --n-calib 160 --n-calib-long 16 --n-fit 176 --n-dev 16 --n-dev-long 2 --n-eval 20 --epochs 0
 QUICK := quick-ft quick-lora quick-hitom
 QUICK_ENCODER := adapters/quick-encoder/encoder.json
 
