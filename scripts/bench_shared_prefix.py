@@ -17,6 +17,9 @@ window of W consumer layers from the base's residual stream; the window start pr
 dev items), scd_reuse (SCD without patch layers: adapters/<adapter>-reuse, its own encoder, when it
 exists), scd, scd_recomputeP (SCD rebuilding all but the last P pages, which the consumer
 prefills itself), scd_gate (the adapter's manifest min_margin: near-tie answers prefilled).
+Noise-floor references (the consumer's own cache of the reused tokens, so not reusable across
+models; evaluation/baselines.py): own_bf16kv (rounded to bf16, as a GPU pool holds it) and
+own_kivi4 (4-bit KIVI-style, about SCD's payload).
 
 Sets: tomi (ToMi stories with several questions), hitom (Hi-ToM: 5 questions per story), long
 (>= 1k-token prompts: distinct Hi-ToM stories joined, every question of the last story).
@@ -178,7 +181,7 @@ def main(argv=None) -> None:
     if any(r < 1 for r in recompute):
         p.error(f"--recompute-pages takes page counts >= 1, got {args.recompute_pages!r}")
     only = {m for m in (args.methods or "").split(",") if m}
-    known = {"raw_kv", "raw_kv_rerot", "kivi4_rerot", "scd_reuse", "scd", "scd_gate",
+    known = {"raw_kv", "raw_kv_rerot", "kivi4_rerot", "own_bf16kv", "own_kivi4", "scd_reuse", "scd", "scd_gate",
              *(f"droidspeak_w{w}" for w in widths), *(f"scd_recompute{r}" for r in recompute)}
     if only - known:
         p.error(f"--methods: unknown {sorted(only - known)}; known (with these flags): {sorted(known)}")
@@ -198,7 +201,8 @@ def main(argv=None) -> None:
         methods = {"scd": scd_method(adapter)}
         if not args.choose_gate:
             methods = {"raw_kv": evaluate.raw_kv, "raw_kv_rerot": baselines.rerotated_kv,
-                       "kivi4_rerot": baselines.kivi_method(4, rerotate=True)}
+                       "kivi4_rerot": baselines.kivi_method(4, rerotate=True),
+                       "own_bf16kv": baselines.own_cache_method("bf16"), "own_kivi4": baselines.own_cache_method("kivi4")}
             # each window's start is profiled on ToMi dev items (short, so cheap), never on test
             dev = pairs_of(workload("tomi", "dev", args.droidspeak_profile, consumer.tokenizer),
                            producer, consumer, ps)

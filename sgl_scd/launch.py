@@ -73,7 +73,9 @@ def main(argv=None) -> None:
     g.add_argument("--min-margin", type=float, default=None,
                    help="prefill instead of reusing when the rebuilt cache's first answer token is a near-tie: "
                         "top-1 minus top-2 probability below this (0 = always reuse; default: each adapter's "
-                        "manifest min_margin, chosen on dev)")
+                        "manifest min_margin, chosen on dev). Where the gate drops so many rebuilds that trying "
+                        "costs more than a prefill, requests prefill at once (miss cause gate_skip), "
+                        "one in 8 still trying")
     g.add_argument("--engine", choices=("auto", "sglang", "hf"), default="auto",
                    help="sglang: SGLang's own OpenAI server with the SCD cache linker (needs a GPU and a normal "
                         "sglang install); hf: this reference server on transformers; auto (default): sglang "

@@ -68,10 +68,19 @@ def test_shared_prefix_methods_reuse_only_the_story_pages(base, ci_ft, small_ada
     n = fn(it, ids)
     assert n % 16 == 0 and 0 < n < len(ids) and len(ids) - n < 48  # the story's pages; the question is not
     methods = {"raw_kv": evaluate.raw_kv, "raw_kv_rerot": baselines.rerotated_kv, "scd": scd_method(small_adapter),
-               "scd_recompute1": scd_method(small_adapter, recompute_pages=1)}
+               "scd_recompute1": scd_method(small_adapter, recompute_pages=1),
+               "own_bf16kv": baselines.own_cache_method("bf16"), "own_kivi4": baselines.own_cache_method("kivi4")}
     rows, extra = bsp.run(base, ci_ft, pairs[:8], methods, "shared")
     got = {r["method"]: r for r in rows}
     assert all(0 < got[m]["reused_fraction"] < 1 for m in methods)
+    # the noise-floor references perturb ci-ft's own cache of the same tokens: bf16 rounding ships
+    # the raw bytes (1.00x) and moves the first-token distribution by far less than the cross-model
+    # methods (bf16's 8-bit mantissa: relative error 2e-3 per entry); 4-bit KIVI ships
+    # (4 bits + fp16 scale/zero per 32 keys and per head of values) / 32 bits = 0.297x
+    assert got["own_bf16kv"]["payload_ratio"] == pytest.approx(1.0)
+    assert got["own_kivi4"]["payload_ratio"] == pytest.approx(0.297, abs=0.002)
+    assert got["own_bf16kv"]["kl"] < 1e-3 < got["raw_kv_rerot"]["kl"]
+    assert got["own_bf16kv"]["kl"] <= got["own_kivi4"]["kl"]
     # recomputing the last shared page: one page fewer rebuilt, its tokens prefilled by ci-ft
     p1 = evaluate.PairItem(base, ci_ft, it, ids, reuse_tokens=n)
     assert methods["scd_recompute1"](p1).timings["tokens"] == n - 16

@@ -7,7 +7,7 @@ from store_fixtures import _fixture_redis_servers  # noqa: F401 - fixture
 from sgl_scd.demo import data
 from sgl_scd.hf import runtime
 from sgl_scd.hf.scd import encode_capture
-from sgl_scd.reuse import store_identity
+from sgl_scd.reuse import GateLedger, store_identity
 from sgl_scd.serving.engine import ReuseEngine
 from sgl_scd.store import open_store
 
@@ -96,6 +96,21 @@ def test_near_tie_gate_prefills_and_counts(tmp_path, base, ci_ft, small_adapter)
     assert got.reused_tokens == 0 and got.miss_cause == "low_margin"
     assert got.text == _oracle_text(ci_ft, ids)
     assert store.stats()["adapters"]["ci-ft"]["misses_by_cause"]["decode:low_margin"] == 1
+    store.close()
+
+
+def test_a_gate_that_drops_every_rebuild_stops_trying_and_probes(tmp_path, base, ci_ft, small_adapter):
+    """min_margin=1.0 drops every rebuild, so once the ledger's window is full trying costs more
+    than a prefill: requests prefill at once (gate_skip, counted), every probe_every-th tries."""
+    store = open_store(f"embedded://{tmp_path}/skip.sqlite3", store_identity(small_adapter.encoder), stats_flush_s=0)
+    eng = ReuseEngine(base, small_adapter.encoder, store, {"ci-ft": (ci_ft, small_adapter)}, min_margin=1.0)
+    eng.consumers["ci-ft"].ledger = GateLedger(window=2, probe_every=2)
+    ids = _ids(base, 5)
+    eng.serve_producer(ids)
+    causes = [eng.serve_consumer("ci-ft", ids).miss_cause for _ in range(5)]
+    assert causes == ["low_margin", "low_margin", "gate_skip", "low_margin", "gate_skip"]
+    got = store.stats()["adapters"]["ci-ft"]["misses_by_cause"]
+    assert got["decode:low_margin"] == 3 and got["decode:gate_skip"] == 2
     store.close()
 
 

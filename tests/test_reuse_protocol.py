@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from test_codec_core import PS, _save_artifacts, _states
 
 from sgl_scd.codec import manifest as mf
-from sgl_scd.reuse import Consumer, Publisher, store_identity, usable_pages
+from sgl_scd.reuse import Consumer, GateLedger, Publisher, store_identity, usable_pages
 from sgl_scd.store import StoreMetrics, open_store
 
 
@@ -132,3 +132,25 @@ def test_the_device_paths_publish_and_fetch_what_the_cpu_reference_does(adapter,
     want = Consumer(adapter, store).fetch(ids)
     got = Consumer(adapter, store, device="cpu").fetch(ids)
     assert got.pages == want.pages == 4 and all(torch.equal(got.codes[s], want.codes[s]) for s in want.codes)
+
+
+def test_the_gate_ledger_skips_where_trying_costs_more_than_a_prefill_and_probes():
+    ledger = GateLedger(window=4, probe_every=3)
+    assert all(ledger.should_try(90) for _ in range(5))  # nothing seen: always try
+    # short prompts (64-127 tokens): every rebuild dropped, each attempt 0.5x the prefill it adds to
+    for _ in range(4):
+        ledger.record(90, dropped=True, attempt_s=0.05, prefill_s=0.1)
+    assert ledger.expected_cost(100) == pytest.approx(1.5)  # c 0.5 + f 1.0 prefills
+    tries = [ledger.should_try(100) for _ in range(6)]
+    assert tries == [False, False, True, False, False, True]  # every 3rd skipped request probes
+    # another length class keeps its own record; one where the gate drops a quarter pays (0.25 + 0.2 < 1)
+    assert ledger.expected_cost(500) is None and ledger.should_try(500)
+    for dropped in (True, False, False, False):
+        ledger.record(500, dropped, attempt_s=0.02, prefill_s=0.1)
+    assert ledger.expected_cost(500) == pytest.approx(0.45) and ledger.should_try(500)
+    # the window follows the workload: once the short prompts' rebuilds are kept, they try again
+    for _ in range(4):
+        ledger.record(90, dropped=False)
+    assert ledger.expected_cost(90) == 0.0 and ledger.should_try(90)
+    with pytest.raises(ValueError, match="got 0, 3"):
+        GateLedger(window=0, probe_every=3)

@@ -8,6 +8,14 @@
              profiling of dev KL. The reused keys get the consumer's RoPE base (a free fix any
              implementation would apply to a RoPE-changed pair), so this baseline is not
              handicapped by the RoPE change; raw_kv shows what happens without it.
+
+Noise-floor references (not baselines: they need the consumer's own prefill of the prefix, so
+they cannot be reused across models). How far the consumer's own answer moves when its own
+cache of the reused tokens is perturbed as little as serving does (bf16 rounding: a GPU pool
+holds bf16) or compressed to about SCD's payload (4-bit KIVI). A codec cannot be expected to
+give the adapter's answer more often than its own cache does under such a perturbation.
+  own_bf16kv  the consumer's own K/V of the reused tokens rounded to bf16 (1.00x)
+  own_kivi4   the consumer's own K/V of the reused tokens, 4-bit KIVI-style (~0.30x)
 """
 
 from __future__ import annotations
@@ -74,6 +82,29 @@ def kivi_method(bits: int = 4, rerotate: bool = False):
         rebuild_s = time.perf_counter() - t0
         out = p.continue_consumer(k, v)
         out.timings.update(rebuild_s=rebuild_s, payload_bytes=per_tok * cap.num_tokens, tokens=cap.num_tokens)
+        return out
+
+    return run
+
+
+def own_cache_method(perturb: str):
+    """A noise-floor reference: the consumer continues from its own K/V of the reused tokens,
+    perturbed: "bf16" (rounded, as a bf16 pool holds them) or "kivi4" (4-bit KIVI-style)."""
+    if perturb not in ("bf16", "kivi4"):
+        raise ValueError(f"perturb is 'bf16' or 'kivi4', got {perturb!r}")
+
+    def run(p) -> runtime.Continuation:
+        n = p.producer_capture.num_tokens  # the same tokens the other methods reuse
+        own = runtime.capture_prefill(p.consumer.model, p.ids[:n], hidden=False)
+        t0 = time.perf_counter()
+        if perturb == "bf16":
+            k, v = own.k.bfloat16().to(own.k.dtype), own.v.bfloat16().to(own.v.dtype)
+            per_tok = own.k[:, 0].numel() * BF16 * 2
+        else:
+            k, v, per_tok = kivi_quantize(own.k, own.v, 4)
+        rebuild_s = time.perf_counter() - t0
+        out = p.continue_consumer(k, v)
+        out.timings.update(rebuild_s=rebuild_s, payload_bytes=per_tok * n, tokens=n)
         return out
 
     return run

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 COLORS = {"oracle": "k", "raw_kv": "tab:red", "raw_kv_rerot": "tab:pink", "kivi4": "tab:orange",
           "kivi4_rerot": "tab:orange", "droidspeak": "tab:purple", "scd_reuse": "tab:cyan", "scd": "tab:blue",
-          "scd_tail": "navy", "scd_recompute": "navy", "scd_gate": "tab:green"}
+          "scd_tail": "navy", "scd_recompute": "navy", "scd_gate": "tab:green",
+          "own_bf16kv": "0.55", "own_kivi4": "0.75"}  # the noise-floor references: greys
 # method names that end in their setting: scd_gate0.2, scd_tail64, droidspeak_w8, scd_recompute2
 VARIANT_FAMILIES = ("scd_gate", "scd_tail", "scd_recompute", "droidspeak")
 

@@ -177,6 +177,7 @@ class Prefilled:
     num_tokens: int  # prompt tokens the cache holds
     forward_s: float  # the suffix forward (+ the fallback prefill)
     fell_back: bool = False  # the given K/V were dropped for a prefill (min_margin)
+    fallback_s: float = 0.0  # of forward_s, the fallback prefill's seconds
 
 
 @torch.inference_mode()
@@ -194,10 +195,10 @@ def prefill_on_kv(model, ids: list[int], k: torch.Tensor | None = None, v: torch
     check_min_margin(min_margin)
     cache, first_logits, forward_s = _extend(model, ids, k, v)
     fell_back = k is not None and min_margin > 0 and top2_margin(first_logits) < min_margin
+    prefill_s = 0.0
     if fell_back:
         cache, first_logits, prefill_s = _extend(model, ids, None, None)
-        forward_s += prefill_s
-    return Prefilled(cache, first_logits, len(ids), forward_s, fell_back)
+    return Prefilled(cache, first_logits, len(ids), forward_s + prefill_s, fell_back, prefill_s)
 
 
 @torch.inference_mode()

@@ -6,9 +6,14 @@
   reuse that much and prefill the rest.
 - Gate: a rebuilt cache whose first answer token is a near-tie (top-1 minus top-2 probability
   below min_margin) is dropped for a prefill; small errors flip such answers.
+- Gate ledger: where the gate drops so many rebuilds that trying costs more than a prefill, the
+  adapter prefills at once (GateLedger), probing now and then.
 """
 
 from __future__ import annotations
+
+import statistics
+from collections import deque
 
 import torch
 
@@ -18,6 +23,7 @@ MISS_CAUSES = (
     "wire",  # the store served a page the codec refused (digest, index, length, checksum)
     "beyond_calibration",  # past the positions the adapter was calibrated on
     "low_margin",  # the gate dropped the rebuilt cache
+    "gate_skip",  # the gate drops so many rebuilds here that the request prefilled at once (GateLedger)
     "disabled",  # the adapter's kill switch is off
     "no_adapter",  # the consumer has no SCD artifacts
 )
@@ -45,3 +51,46 @@ def check_min_margin(min_margin: float) -> float:
     if not isinstance(min_margin, (int, float)) or not 0.0 <= min_margin <= 1.0:
         raise ValueError(f"min_margin is a probability gap in [0, 1], got {min_margin!r}")
     return float(min_margin)
+
+
+class GateLedger:
+    """Whether a gated adapter's next reuse attempt pays, from its recent attempts.
+
+    A rebuild the gate drops costs its fetch, rebuild and suffix forward on top of the prefill
+    that replaces it. Per prompt-length class (powers of two), over the last `window` attempts:
+    f = the share the gate dropped, c = attempt seconds / prefill seconds of the dropped ones
+    (both measured on the same request). Trying costs c + f prefills in expectation; once that
+    exceeds one prefill (f > 1 - c) requests prefill at once, except every probe_every-th, which
+    tries so that f follows the workload. Not thread-safe (one per engine, as the engine)."""
+
+    def __init__(self, window: int = 16, probe_every: int = 8):
+        if window < 1 or probe_every < 1:
+            raise ValueError(f"window and probe_every must be >= 1, got {window}, {probe_every}")
+        self.window, self.probe_every = window, probe_every
+        self._attempts: dict[int, deque[float | None]] = {}  # per class: c of a drop, None if kept
+        self._skips: dict[int, int] = {}
+
+    @staticmethod
+    def length_class(num_tokens: int) -> int:
+        return max(1, num_tokens).bit_length()
+
+    def expected_cost(self, num_tokens: int) -> float | None:
+        """c + f in prefills for a prompt of this length, None until `window` attempts are seen."""
+        seen = self._attempts.get(self.length_class(num_tokens), ())
+        if len(seen) < self.window:
+            return None
+        drops = [c for c in seen if c is not None]
+        return (statistics.mean(drops) if drops else 0.0) + len(drops) / len(seen)
+
+    def should_try(self, num_tokens: int) -> bool:
+        cost = self.expected_cost(num_tokens)
+        if cost is None or cost <= 1.0:
+            return True
+        cls = self.length_class(num_tokens)
+        self._skips[cls] = self._skips.get(cls, 0) + 1
+        return self._skips[cls] % self.probe_every == 0  # a probe
+
+    def record(self, num_tokens: int, dropped: bool, attempt_s: float = 0.0, prefill_s: float = 0.0) -> None:
+        """One attempt that rebuilt pages: dropped by the gate (with its attempt and prefill seconds) or kept."""
+        seen = self._attempts.setdefault(self.length_class(num_tokens), deque(maxlen=self.window))
+        seen.append(attempt_s / prefill_s if dropped and prefill_s > 0 else (0.0 if dropped else None))

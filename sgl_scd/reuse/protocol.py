@@ -147,6 +147,7 @@ class Consumer:
                                   self.layout) if n else None
         return Fetched(first_page, n, usable, codes, sum(len(b) for b in blobs[:n]), cause)
 
-    def record_gate(self, pages: int) -> None:
-        """Count a rebuilt cache the gate dropped (low_margin)."""
-        self.store.record_rejected(adapter=self.label, pages=pages, cause="low_margin")
+    def record_gate(self, pages: int, cause: str = "low_margin") -> None:
+        """Count pages the gate kept from reuse: a rebuilt cache it dropped (low_margin) or a
+        request its ledger prefilled at once (gate_skip)."""
+        self.store.record_rejected(adapter=self.label, pages=pages, cause=cause)

@@ -4,7 +4,9 @@
                      -> decode its answer
   consumer request:  fetch the longest valid leading run of pages the store holds (reuse.Consumer:
                      last-token rule, calibration bound) -> rebuild its own K/V -> prefill only
-                     the uncovered suffix -> decode; the gate may drop a near-tie rebuild.
+                     the uncovered suffix -> decode; the gate may drop a near-tie rebuild,
+                     and where it drops so many that trying costs more than a prefill, its
+                     ledger prefills at once (reuse.GateLedger).
 
 Any miss shrinks the reused prefix, down to a plain prefill; it is counted, never raised.
 A request is a generator of answer tokens (`steps`), so a scheduler can interleave many; the
@@ -23,7 +25,7 @@ from sgl_scd.codec.manifest import Adapter, Encoder
 from sgl_scd.hf import runtime
 from sgl_scd.hf.models import LoadedModel
 from sgl_scd.hf.scd import check_models, folded
-from sgl_scd.reuse import Consumer, Publisher, check_min_margin
+from sgl_scd.reuse import Consumer, GateLedger, Publisher, check_min_margin
 from sgl_scd.serving.publish_worker import PublishWorker
 from sgl_scd.store.client import PrefixStore
 
@@ -73,6 +75,7 @@ class ServedConsumer:
     adapter: Adapter
     reuse: Consumer
     min_margin: float
+    ledger: GateLedger = field(default_factory=GateLedger)  # used when min_margin > 0
 
 
 class ReuseEngine:
@@ -143,6 +146,14 @@ class ReuseEngine:
         c = self.consumers[gen.model]
         if not gen.reuse:  # the caller asked for the consumer's own prefill
             return runtime.prefill_on_kv(c.model.model, gen.ids)
+        gated = c.min_margin > 0
+        if gated and not c.ledger.should_try(len(gen.ids)):  # trying would cost more than it saves
+            c.reuse.record_gate(c.reuse.usable(len(gen.ids))[0], "gate_skip")
+            gen.miss_cause = "gate_skip"
+            pre = runtime.prefill_on_kv(c.model.model, gen.ids)
+            gen.timings["forward_s"] = pre.forward_s
+            return pre
+        t0 = time.perf_counter()
         fetched = c.reuse.fetch(gen.ids)
         k = v = None
         if fetched.pages:
@@ -154,6 +165,8 @@ class ReuseEngine:
         gen.lookup_tokens, gen.hit_tokens = fetched.usable * self.page_size, fetched.pages * self.page_size
         pre = runtime.prefill_on_kv(c.model.model, gen.ids, k, v, min_margin=c.min_margin)
         gen.miss_cause = fetched.cause
+        if gated and fetched.pages:
+            c.ledger.record(len(gen.ids), pre.fell_back, time.perf_counter() - t0 - pre.fallback_s, pre.fallback_s)
         if pre.fell_back:
             c.reuse.record_gate(fetched.pages)
             k, gen.miss_cause = None, "low_margin"
