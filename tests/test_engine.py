@@ -104,7 +104,7 @@ def test_a_gate_that_drops_every_rebuild_stops_trying_and_probes(tmp_path, base,
     than a prefill: requests prefill at once (gate_skip, counted), every probe_every-th tries."""
     store = open_store(f"embedded://{tmp_path}/skip.sqlite3", store_identity(small_adapter.encoder), stats_flush_s=0)
     eng = ReuseEngine(base, small_adapter.encoder, store, {"ci-ft": (ci_ft, small_adapter)}, min_margin=1.0)
-    eng.consumers["ci-ft"].ledger = GateLedger(window=2, probe_every=2)
+    eng.consumers["ci-ft"].ledger = GateLedger(window=2, min_seen=2, probe_every=2)
     ids = _ids(base, 5)
     eng.serve_producer(ids)
     causes = [eng.serve_consumer("ci-ft", ids).miss_cause for _ in range(5)]

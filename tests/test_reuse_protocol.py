@@ -135,7 +135,7 @@ def test_the_device_paths_publish_and_fetch_what_the_cpu_reference_does(adapter,
 
 
 def test_the_gate_ledger_skips_where_trying_costs_more_than_a_prefill_and_probes():
-    ledger = GateLedger(window=4, probe_every=3)
+    ledger = GateLedger(window=6, min_seen=4, probe_every=3)
     assert all(ledger.should_try(90) for _ in range(5))  # nothing seen: always try
     # short prompts (64-127 tokens): every rebuild dropped, each attempt 0.5x the prefill it adds to
     for _ in range(4):
@@ -149,8 +149,8 @@ def test_the_gate_ledger_skips_where_trying_costs_more_than_a_prefill_and_probes
         ledger.record(500, dropped, attempt_s=0.02, prefill_s=0.1)
     assert ledger.expected_cost(500) == pytest.approx(0.45) and ledger.should_try(500)
     # the window follows the workload: once the short prompts' rebuilds are kept, they try again
-    for _ in range(4):
+    for _ in range(6):
         ledger.record(90, dropped=False)
     assert ledger.expected_cost(90) == 0.0 and ledger.should_try(90)
-    with pytest.raises(ValueError, match="got 0, 3"):
-        GateLedger(window=0, probe_every=3)
+    with pytest.raises(ValueError, match="window=2, min_seen=4"):
+        GateLedger(window=2, min_seen=4)

@@ -57,16 +57,19 @@ class GateLedger:
     """Whether a gated adapter's next reuse attempt pays, from its recent attempts.
 
     A rebuild the gate drops costs its fetch, rebuild and suffix forward on top of the prefill
-    that replaces it. Per prompt-length class (powers of two), over the last `window` attempts:
-    f = the share the gate dropped, c = attempt seconds / prefill seconds of the dropped ones
-    (both measured on the same request). Trying costs c + f prefills in expectation; once that
-    exceeds one prefill (f > 1 - c) requests prefill at once, except every probe_every-th, which
-    tries so that f follows the workload. Not thread-safe (one per engine, as the engine)."""
+    that replaces it. Per prompt-length class (powers of two), over the last `window` attempts
+    (once at least min_seen are in): f = the share the gate dropped, c = attempt seconds /
+    prefill seconds of the dropped ones (both measured on the same request). Trying costs c + f
+    prefills in expectation; while that exceeds one prefill (f > 1 - c) requests prefill at once,
+    except every probe_every-th, which tries so that f follows the workload. A wrong skip costs
+    time, never an answer: a skipped request is the adapter's own prefill. Not thread-safe (one
+    per engine, as the engine)."""
 
-    def __init__(self, window: int = 16, probe_every: int = 8):
-        if window < 1 or probe_every < 1:
-            raise ValueError(f"window and probe_every must be >= 1, got {window}, {probe_every}")
-        self.window, self.probe_every = window, probe_every
+    def __init__(self, window: int = 16, min_seen: int = 4, probe_every: int = 8):
+        if not 1 <= min_seen <= window or probe_every < 1:
+            raise ValueError(f"need 1 <= min_seen <= window and probe_every >= 1, got window={window}, "
+                             f"min_seen={min_seen}, probe_every={probe_every}")
+        self.window, self.min_seen, self.probe_every = window, min_seen, probe_every
         self._attempts: dict[int, deque[float | None]] = {}  # per class: c of a drop, None if kept
         self._skips: dict[int, int] = {}
 
@@ -75,9 +78,9 @@ class GateLedger:
         return max(1, num_tokens).bit_length()
 
     def expected_cost(self, num_tokens: int) -> float | None:
-        """c + f in prefills for a prompt of this length, None until `window` attempts are seen."""
+        """c + f in prefills for a prompt of this length, None until min_seen attempts are in."""
         seen = self._attempts.get(self.length_class(num_tokens), ())
-        if len(seen) < self.window:
+        if len(seen) < self.min_seen:
             return None
         drops = [c for c in seen if c is not None]
         return (statistics.mean(drops) if drops else 0.0) + len(drops) / len(seen)
