@@ -100,7 +100,7 @@ def test_near_tie_gate_prefills_and_counts(tmp_path, base, ci_ft, small_adapter)
 
 
 def test_a_gate_that_drops_every_rebuild_stops_trying_and_probes(tmp_path, base, ci_ft, small_adapter):
-    """min_margin=1.0 drops every rebuild, so once the ledger's window is full trying costs more
+    """min_margin=1.0 drops every rebuild, so once min_seen attempts are in, trying costs more
     than a prefill: requests prefill at once (gate_skip, counted), every probe_every-th tries."""
     store = open_store(f"embedded://{tmp_path}/skip.sqlite3", store_identity(small_adapter.encoder), stats_flush_s=0)
     eng = ReuseEngine(base, small_adapter.encoder, store, {"ci-ft": (ci_ft, small_adapter)}, min_margin=1.0)

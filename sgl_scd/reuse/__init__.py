@@ -15,14 +15,5 @@ from sgl_scd.reuse.policy import (
 )
 from sgl_scd.reuse.protocol import Consumer, Fetched, Publisher, store_identity
 
-__all__ = [
-           "MISS_CAUSES",
-           "Consumer",
-           "Fetched",
-           "GateLedger",
-           "Publisher",
-           "check_min_margin",
-           "store_identity",
-           "top2_margin",
-           "usable_pages",
-]
+__all__ = ["MISS_CAUSES", "Consumer", "Fetched", "GateLedger", "Publisher", "check_min_margin", "store_identity",
+           "top2_margin", "usable_pages"]

@@ -96,4 +96,7 @@ class GateLedger:
     def record(self, num_tokens: int, dropped: bool, attempt_s: float = 0.0, prefill_s: float = 0.0) -> None:
         """One attempt that rebuilt pages: dropped by the gate (with its attempt and prefill seconds) or kept."""
         seen = self._attempts.setdefault(self.length_class(num_tokens), deque(maxlen=self.window))
-        seen.append(attempt_s / prefill_s if dropped and prefill_s > 0 else (0.0 if dropped else None))
+        if not dropped:
+            seen.append(None)
+        else:
+            seen.append(attempt_s / prefill_s if prefill_s > 0 else 0.0)
