@@ -43,6 +43,33 @@ def test_the_shared_prefix_is_the_common_prompt_prefix_floored_to_pages(bsp):
     assert n % 16 == 0 and common - 16 < n <= common
 
 
+def test_the_gate_replay_keeps_a_sure_rebuild_and_serves_the_prefill_on_a_near_tie(bsp):
+    """scd_gate read off scd's and the oracle's outputs of the same item decides as the serving gate
+    does (runtime.prefill_on_kv): top-1 minus top-2 probability of the rebuilt first token against
+    min_margin. (On the quick-lora adapter, 15 ToMi test items, the replay and scd_method(min_margin=0.55)
+    gave the same KL, same answer and prefilled share.)"""
+    import torch
+
+    from sgl_scd.hf.runtime import Continuation
+
+    def out(probs, text, forward_s):
+        return Continuation(first_logits=torch.tensor(probs).log(), tokens=[1], text=text, forward_s=forward_s,
+                            timings={"rebuild_s": 0.01, "tokens": 32})
+
+    seen, replay = bsp.gate_replay(0.3)
+    record = bsp.recorded
+    p = object()
+    record(seen, "oracle", lambda _: out([0.6, 0.4], "box", 1.0))(p)
+    record(seen, "scd", lambda _: out([0.7, 0.2, 0.1], "box", 0.2))(p)  # margin 0.5 >= 0.3: kept
+    assert replay(p) is seen["scd"][1]
+    record(seen, "scd", lambda _: out([0.5, 0.4, 0.1], "bag", 0.2))(p)  # margin 0.1: the prefill is served
+    gated = replay(p)
+    assert gated.text == "box" and gated.fell_back and gated.forward_s == pytest.approx(1.2)
+    assert gated.timings == {"rebuild_s": 0.01, "tokens": 32}  # the rebuild was paid before the prefill
+    with pytest.raises(RuntimeError, match="same item"):  # the scd output of another item
+        replay(object())
+
+
 def _row(method, same, kl, payload, **kw):
     return {"set": "hitom", "split": "test", "consumer": "quick-x", "method": method, "n": 32, "f1": 0.5,
             "f1_over_oracle": 1.0, "same_answer": same, "same_answer_se": 0.05, "kl": kl, "kl_answer": 0.1,

@@ -86,10 +86,12 @@ def evaluate(producer_model: LoadedModel, consumer_model: LoadedModel, items: li
              methods: dict[str, Method], *, max_new_tokens: int = 16, desc: str = "eval",
              on_item: Callable[[PairItem, dict], None] | None = None,
              reuse_tokens: Callable[[QAItem, list[int]], int] | None = None) -> list[dict]:
-    """Run every method on every item; one summary dict per method (oracle always included).
-    reuse_tokens(item, ids): how many leading prompt tokens the methods reuse (default all but the last)."""
+    """Run every method on every item, in order, the oracle first; one summary dict per method
+    (the oracle always included: a given "oracle" method, e.g. one that records its outputs, in
+    place of the default). reuse_tokens(item, ids): how many leading prompt tokens the methods
+    reuse (default all but the last)."""
     check_compatible(producer_model, consumer_model)
-    methods = {"oracle": oracle, **{k: m for k, m in methods.items() if k != "oracle"}}
+    methods = {"oracle": methods.get("oracle", oracle), **{k: m for k, m in methods.items() if k != "oracle"}}
     scores = {name: MethodScore(name) for name in methods}
     for item in tqdm(items, desc=desc, file=sys.stderr):
         ids = prompt_ids(consumer_model.tokenizer, item)
