@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-consumers-quick bench-shared-prefix-quick bench-store redis-up redis-down test lint clean-venv
+.PHONY: install models models-quick adapters adapters-quick adapters-full gates-quick demo serve eval bench bench-consumers bench-consumers-quick bench-shared-prefix-quick bench-shared-prefix-large bench-store redis-up redis-down test lint clean-venv
 
 install: $(STAMP)
 
@@ -96,6 +96,17 @@ bench-shared-prefix-quick: adapters-quick $(REUSE_QUICK)
 	  --sets long --stories 4 --droidspeak-widths 2,8 --droidspeak-profile 4 --json out/shared_prefix_long.jsonl
 	$(BIN)/python scripts/shared_prefix_table.py out/shared_prefix.jsonl out/shared_prefix_long.jsonl \
 	  --plot out/shared_prefix.png | tee out/shared_prefix.md
+
+# The verdicts at the sizes the data allows (test split, after `make gates-quick`): ungated SCD and its
+# gate on ToMi test's first 100 stories (500 questions: same answer's standard error <= 0.022), every
+# Hi-ToM eval story (240) and every joined story (72), and on ToMi the adapter's own 4-bit cache (the
+# noise floor). The baselines are bench-shared-prefix-quick's. ~5 h on 2 cores.
+SP_LARGE := $(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test
+bench-shared-prefix-large: adapters-quick
+	$(SP_LARGE) --sets tomi --stories 100 --methods own_kivi4,scd,scd_gate --json out/shared_prefix_large_tomi.jsonl
+	$(SP_LARGE) --sets hitom --stories 60 --methods scd,scd_gate --json out/shared_prefix_large_hitom.jsonl
+	$(SP_LARGE) --sets long --stories 18 --methods scd,scd_gate --json out/shared_prefix_large_long.jsonl
+	$(BIN)/python scripts/shared_prefix_table.py out/shared_prefix_large_*.jsonl | tee out/shared_prefix_large.md
 
 # Each quick adapter's serving gate (manifest min_margin), chosen on dev splits only: the smallest
 # threshold whose gated same-answer rate on shared-prefix ToMi, Hi-ToM and joined-story dev reaches 0.98.
