@@ -100,7 +100,7 @@ bench-shared-prefix-quick: adapters-quick $(REUSE_QUICK)
 # The verdicts at the sizes the data allows (test split, after `make gates-quick`): ungated SCD and its
 # gate on ToMi test's first 100 stories (500 questions: same answer's standard error <= 0.022), every
 # Hi-ToM eval story (240) and every joined story (72), and on ToMi the adapter's own 4-bit cache (the
-# noise floor). The baselines are bench-shared-prefix-quick's. ~5 h on 2 cores.
+# noise floor). The baselines are bench-shared-prefix-quick's. ~4 h on 2 cores.
 SP_LARGE := $(BIN)/python scripts/bench_shared_prefix.py --encoder adapters/quick-encoder --split test
 bench-shared-prefix-large: adapters-quick
 	$(SP_LARGE) --sets tomi --stories 100 --methods own_kivi4,scd,scd_gate --json out/shared_prefix_large_tomi.jsonl
