@@ -116,6 +116,7 @@ def gate_replay(min_margin: float) -> tuple[dict, evaluate.Method]:
 
 
 def recorded(seen: dict, name: str, method: evaluate.Method) -> evaluate.Method:
+    """method, keeping its last (item, output) in seen[name] for gate_replay."""
     def run(p):
         seen[name] = (p, out := method(p))
         return out
